@@ -1,0 +1,1 @@
+"""Feature analysis, the SQLite feature store, entity-attribute labelling and monosemanticity scores."""
