@@ -1,0 +1,183 @@
+"""Run configuration: typed dataclasses loaded from YAML and validated at the edge.
+
+Every mistake (unknown key, wrong type, bad value) is reported as one `SaekitError` that names the
+key, the file and what was expected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from sae.errors import SaekitError
+from sae.io import atomic_write_text
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    device: str = "auto"
+
+
+@dataclass
+class CorpusConfig:
+    source: str = "embedded"
+    context_size: int = 128
+    max_sequences: int | None = 4000
+    held_out_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class CacheConfig:
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_mlp_out"])
+    dtype: DType = "float32"
+    batch_size: int = 32  # sequences per forward pass
+    shard_sequences: int = 256  # sequences per shard file
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+_POSITIVE = {"corpus.context_size", "corpus.max_sequences", "cache.batch_size", "cache.shard_sequences"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    bad = SaekitError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key, source)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key, source)
+            except SaekitError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise bad
+    if not isinstance(value, tp):
+        raise bad
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SaekitError(f"{source}: unknown config key '{full}'{hint} Valid keys here: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], full, source)
+        if full in _POSITIVE and kwargs[key] is not None and kwargs[key] <= 0:
+            raise SaekitError(f"{source}: key '{full}' must be a positive integer, got {value!r}")
+    return cls(**kwargs)
+
+
+def _check(cfg: RunConfig, source: str) -> None:
+    if not 0.0 <= cfg.corpus.held_out_fraction < 1.0:
+        raise SaekitError(f"{source}: key 'corpus.held_out_fraction' must be in [0, 1), "
+                          f"got {cfg.corpus.held_out_fraction}")
+    if not cfg.cache.hooks:
+        raise SaekitError(f"{source}: key 'cache.hooks' must list at least one hook, "
+                          "e.g. [blocks.6.hook_mlp_out]")
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise SaekitError(f"{source}: the config must be a YAML mapping of sections (model, corpus, cache, ...)")
+    cfg = _build(RunConfig, data, "", source)
+    _check(cfg, source)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise SaekitError(f"override '{item}' must look like section.key=value, e.g. corpus.max_sequences=8000")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, validate, and return it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaekitError(f"config file {path} does not exist; the default is configs/smollm2_mlp.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SaekitError(f"{path} is not valid YAML: {exc}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise SaekitError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config next to the run's outputs, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
