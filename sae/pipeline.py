@@ -1,0 +1,78 @@
+"""The run's stages as plain functions over one run directory (`runs/<name>/`).
+
+Each stage reads the previous stage's artifact from disk, so any stage can be rerun alone and an
+interrupted stage resumes from what is already there.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformer_lens import HookedTransformer
+
+from sae import corpus
+from sae.cache import hook_dir, write_cache
+from sae.config import RunConfig, save_config
+from sae.io import atomic_save_tensors
+from sae.models import load_model, validate_hooks
+
+TOKENS_FILE = "tokens.safetensors"
+
+
+def say(msg: str) -> None:
+    print(f"[saekit] {msg}", flush=True)
+
+
+def run_model(cfg: RunConfig) -> HookedTransformer:
+    t0 = time.perf_counter()
+    model = load_model(cfg.model.name, cfg.model.device)
+    say(f"model {model.cfg.model_name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
+        f"d_mlp {model.cfg.d_mlp} ({time.perf_counter() - t0:.1f}s)")
+    return model
+
+
+def prepare_tokens(cfg: RunConfig, model: HookedTransformer) -> dict[str, torch.Tensor]:
+    """Tokenise the corpus into train / held-out sequences once per run, kept in tokens.safetensors."""
+    path = cfg.run_dir / TOKENS_FILE
+    c = cfg.corpus
+    fingerprint = corpus.corpus_fingerprint(c.source, model.cfg.model_name, c.context_size, c.max_sequences,
+                                            c.held_out_fraction, c.seed)
+    if path.is_file():
+        with safe_open(str(path), "pt") as fh:
+            if (fh.metadata() or {}).get("fingerprint") == fingerprint:
+                return {k: fh.get_tensor(k) for k in fh.keys()}
+    t0 = time.perf_counter()
+    say(f"tokenising corpus '{c.source}' into sequences of {c.context_size} tokens"
+        + (f" (up to {c.max_sequences:,})" if c.max_sequences else ""))
+    tokens = corpus.tokenize_sequences(corpus.iter_documents(c.source), model.tokenizer, c.context_size,
+                                       max_sequences=c.max_sequences)
+    train, held_out = corpus.split_sequences(tokens, c.held_out_fraction, c.seed)
+    out = {"train": train.contiguous(), "held_out": held_out.contiguous()}
+    atomic_save_tensors(path, out, metadata={"fingerprint": fingerprint, "source": c.source})
+    say(f"{len(train):,} train and {len(held_out):,} held-out sequences ({train.numel():,} train tokens, "
+        f"{time.perf_counter() - t0:.1f}s) -> {path}")
+    return out
+
+
+def stage_cache(cfg: RunConfig, model: HookedTransformer, overwrite: bool = False) -> dict[str, Path]:
+    """Cache every configured hook over the train split."""
+    validate_hooks(model, cfg.cache.hooks)
+    tokens = prepare_tokens(cfg, model)
+    train = tokens["train"]
+    fingerprint = corpus.token_fingerprint(train)
+    cache_dir = cfg.run_dir / "cache"
+    say(f"caching {', '.join(cfg.cache.hooks)} over {train.numel():,} tokens ({cfg.cache.dtype}) -> {cache_dir}")
+    t0 = time.perf_counter()
+    folders = write_cache(model, train, cfg.cache.hooks, cache_dir, corpus_fingerprint=fingerprint,
+                          dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size,
+                          shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite)
+    say(f"cache complete ({time.perf_counter() - t0:.0f}s): " + ", ".join(str(hook_dir(cache_dir, h)) for h in folders))
+    return folders
+
+
+def start_run(cfg: RunConfig) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
