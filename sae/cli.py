@@ -26,17 +26,17 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    cfg = _config(args)  # validate before the slow imports, so a typo is reported at once
     from sae import pipeline
 
-    cfg = _config(args)
     pipeline.start_run(cfg)
     pipeline.stage_cache(cfg, pipeline.run_model(cfg), overwrite=args.overwrite)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    cfg = _config(args)
     from sae import pipeline
 
-    cfg = _config(args)
     pipeline.start_run(cfg)
     model = pipeline.run_model(cfg)
     pipeline.stage_cache(cfg, model, overwrite=args.overwrite)
