@@ -1,0 +1,186 @@
+"""Sparse TopK / BatchTopK training kernels.
+
+A TopK SAE only ever uses k of its d_sae latents per token, so after the encoder matmul nothing needs
+a dense tokens x latents tensor. The forward pass keeps the chosen latents as CSR rows (token ->
+latent ids and values); the backward pass computes gradients only through them:
+
+- encoder matmul in bf16 where that is faster (fp32 master weights); the chosen values are then
+  recomputed exactly in fp32 with a sampled matmul, so bf16 only decides *which* latents fire;
+- relu over the k chosen values only; decode is an embedding-bag over the chosen decoder rows;
+- weight gradients are sparse x dense products (the latents x tokens transpose of the CSR pattern
+  times x or the output gradient), not `index_add_` or dense matmuls over all latents;
+- nothing of shape [tokens, latents] is saved for backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# CSR tensors are stable enough for the handful of ops used here; the beta notice would print once per run.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+class SparseActs(NamedTuple):
+    """Latent activations of n tokens as CSR rows, values >= 0 (zeros where a chosen pre-activation was <= 0)."""
+
+    values: Tensor  # [nnz] float, differentiable
+    cols: Tensor  # [nnz] int64 latent ids, row-major, sorted within each row
+    crow: Tensor  # [n + 1] int64 row offsets
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        n = self.crow.numel() - 1
+        return _csr(self.crow, self.cols, self.values, (n, d_sae)).to_dense()
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+
+
+def _rows(crow: Tensor) -> Tensor:
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+
+
+def _transpose(crow: Tensor, cols: Tensor, values: Tensor, d_sae: int) -> Tensor:
+    """The latents x tokens CSR of the pattern: one stable sort, then CSR @ dense beats CSC @ dense."""
+    n = crow.numel() - 1
+    order = torch.argsort(cols, stable=True)
+    t_crow = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
+    t_crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
+    return _csr(t_crow, _rows(crow)[order], values[order], (d_sae, n))
+
+
+def topk_pattern(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-token top-k latents as (crow, cols)."""
+    n = pre.shape[0]
+    cols = pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    crow = torch.arange(0, n * k + 1, k, device=pre.device)
+    return crow, cols.flatten()
+
+
+def batchtopk_pattern(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The n*k largest pre-activations of the whole batch as (crow, cols), exactly.
+
+    A flat top-k over n x d_sae values is slow on CPU, so each row first proposes its top c
+    candidates; the global top-(n*k) of the candidates is exact unless some row had all c of its
+    candidates chosen (it might own more), in which case c grows and we try again.
+    """
+    n, d_sae = pre.shape
+    total = n * k
+    c = min(4 * k, d_sae)
+    while True:
+        cand = pre.topk(c, dim=-1, sorted=False)
+        flat = cand.values.flatten().topk(total, sorted=False).indices
+        rows = torch.div(flat, c, rounding_mode="floor")
+        per_row = torch.bincount(rows, minlength=n)
+        if c == d_sae or int(per_row.max()) < c:
+            break
+        c = min(4 * c, d_sae)
+    keys = rows * d_sae + cand.indices.flatten()[flat]
+    keys = keys.sort().values
+    crow = torch.zeros(n + 1, dtype=torch.long, device=pre.device)
+    crow[1:] = per_row.cumsum(0)
+    return crow, keys % d_sae
+
+
+class _SparseEncode(torch.autograd.Function):
+    """(x - b_dec) @ W_enc + b_enc, keep a top-k pattern, relu; gradients through the chosen latents only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,  # type: ignore[override]
+                k: int, batch_topk: bool, bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+        xc = x if b_dec is None else x - b_dec
+        if bf16:
+            pre = torch.addmm(b_enc.bfloat16(), xc.bfloat16(), W_enc.bfloat16())
+        else:
+            pre = torch.addmm(b_enc, xc, W_enc)
+        crow, cols = (batchtopk_pattern if batch_topk else topk_pattern)(pre, k)
+        if bf16:  # exact fp32 values of the chosen entries: bf16 only picked which ones
+            sel = _csr(crow, cols, b_enc[cols], (x.shape[0], W_enc.shape[1]))
+            values = torch.sparse.sampled_addmm(sel, xc, W_enc).values()
+        else:
+            values = pre.view(-1)[_rows(crow) * W_enc.shape[1] + cols]
+        values = values.relu()
+        ctx.save_for_backward(xc, W_enc, crow, cols, values)
+        ctx.mark_non_differentiable(cols, crow)
+        return values, cols, crow
+
+    @staticmethod
+    def backward(ctx, g_values: Tensor, _g_cols: Tensor, _g_crow: Tensor):  # type: ignore[override]
+        xc, W_enc, crow, cols, values = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        g = g_values * (values > 0)
+        g_latent = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)  # = grad of b_enc
+        grad_x = grad_W = grad_b_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _csr(crow, cols, g, (xc.shape[0], d_sae)) @ W_enc.t()
+        if ctx.needs_input_grad[1]:
+            grad_W = (_transpose(crow, cols, g, d_sae) @ xc).t()
+        if ctx.needs_input_grad[3]:  # b_dec enters as -b_dec on every row: minus the column sums of grad_x
+            grad_b_dec = -(W_enc @ g_latent)
+        return grad_x, grad_W, g_latent, grad_b_dec, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """sum over chosen latents of value * W_dec row, as an embedding-bag; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, cols: Tensor, crow: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(values, cols, crow, W_dec)
+        return F.embedding_bag(cols, W_dec, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        values, cols, crow, W_dec = ctx.saved_tensors
+        d_sae = W_dec.shape[0]
+        g_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            pattern = _csr(crow, cols, torch.zeros_like(values), (g_out.shape[0], d_sae))
+            g_values = torch.sparse.sampled_addmm(pattern, g_out.contiguous(), W_dec.t(), beta=0.0).values()
+        if ctx.needs_input_grad[3]:
+            grad_W = _transpose(crow, cols, values, d_sae) @ g_out
+        return g_values, None, None, grad_W
+
+
+def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int,
+                  batch_topk: bool = False, bf16: bool = False) -> SparseActs:
+    """TopK (or BatchTopK: k per token on average) activations of x as CSR rows.
+
+    b_dec is subtracted from x first (pass None for transcoders). Differentiable wrt W_enc, b_enc,
+    b_dec and x through the chosen latents only.
+    """
+    values, cols, crow = _SparseEncode.apply(x, W_enc, b_enc, b_dec, k, batch_topk, bf16)
+    return SparseActs(values, cols, crow)
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor) -> Tensor:
+    """acts @ W_dec without a dense activation matrix (add b_dec yourself)."""
+    return _SparseDecode.apply(acts.values, acts.cols, acts.crow, W_dec)
+
+
+@functools.cache
+def bf16_is_faster(device: str, d_in: int, d_sae: int) -> bool:
+    """Whether a bf16 encoder matmul beats fp32 here: yes on CUDA with bf16, timed once on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    x, W = torch.randn(512, d_in), torch.randn(d_in, d_sae)
+
+    def best(a: Tensor, b: Tensor) -> float:
+        a @ b  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(x.bfloat16(), W.bfloat16()) < 0.8 * best(x, W)
