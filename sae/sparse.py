@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# CSR tensors are stable enough for the handful of ops used here; the beta notice would print once per run.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 class SparseActs(NamedTuple):
@@ -40,7 +38,9 @@ class SparseActs(NamedTuple):
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+    with warnings.catch_warnings():  # the "CSR support is in beta" notice; the few ops used here are solid
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
 def _rows(crow: Tensor) -> Tensor:
