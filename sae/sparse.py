@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-
 class SparseActs(NamedTuple):
     """Latent activations of n tokens as CSR rows, values >= 0 (zeros where a chosen pre-activation was <= 0)."""
 
