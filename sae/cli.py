@@ -33,13 +33,32 @@ def cmd_cache(args: argparse.Namespace) -> None:
     pipeline.stage_cache(cfg, pipeline.run_model(cfg), overwrite=args.overwrite)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from sae import pipeline
 
     pipeline.start_run(cfg)
+    pipeline.stage_train(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from sae import pipeline
+
+    pipeline.stage_eval(cfg, pipeline.run_model(cfg))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from sae import pipeline
+    from sae.train import CHECKPOINT_FILE
+
+    pipeline.start_run(cfg)
     model = pipeline.run_model(cfg)
     pipeline.stage_cache(cfg, model, overwrite=args.overwrite)
+    resume = (cfg.run_dir / "checkpoints" / CHECKPOINT_FILE).is_file() and not args.overwrite
+    pipeline.stage_train(cfg, resume=resume, overwrite=args.overwrite)
+    pipeline.stage_eval(cfg, model)
     pipeline.say(f"done: outputs are in {cfg.run_dir}/")
 
 
@@ -56,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, str, Callable[[argparse.Namespace], None]]] = [
         ("cache", "run the model once and cache the configured hooks' activations to sharded files", cmd_cache),
+        ("train", "train the configured SAEs on the cached activations (torchrun for several processes)",
+         cmd_train),
+        ("eval", "evaluate trained SAEs on held-out text: L0, FVU, dead/dense, CE loss recovered, KL", cmd_eval),
         ("run", "run every stage of the pipeline for a config, resuming what is already done", cmd_run),
     ]
     for name, help_text, fn in commands:
@@ -64,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild outputs that were built from other inputs instead of refusing")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.set_defaults(fn=fn)
     return parser
 

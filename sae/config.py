@@ -45,6 +45,53 @@ class CacheConfig:
     shard_sequences: int = 256  # sequences per shard file
 
 
+Architecture = Literal["topk", "batchtopk", "jumprelu", "relu"]
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train; several in one run share a single read of the cache."""
+
+    hook: str = "blocks.6.hook_mlp_out"
+    target_hook: str | None = None  # set to train a transcoder (e.g. mlp.hook_post -> hook_mlp_out)
+    architecture: Architecture = "topk"
+    expansion: int = 8  # d_sae = expansion * width of the hook
+    k: int = 32  # topk / batchtopk
+    sparsity_coef: float | None = None  # L1 (relu) or L0 (jumprelu) weight; None: the architecture's default
+    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 16384), as in sparsify
+    id: str | None = None  # folder name under saes/; None: derived from the fields above
+
+    @property
+    def sae_id(self) -> str:
+        if self.id:
+            return self.id
+        target = f"-to-{self.target_hook}" if self.target_hook else ""
+        sparsity = f"-k{self.k}" if self.architecture in ("topk", "batchtopk") else ""
+        return f"{self.hook}{target}-{self.architecture}-x{self.expansion}{sparsity}"
+
+
+@dataclass
+class TrainConfig:
+    saes: list[SAESpec] = field(default_factory=lambda: [SAESpec()])
+    batch_size: int = 4096  # tokens per optimiser step, summed over all processes
+    total_tokens: int = 2_000_000
+    lr_warmup_steps: int = 50
+    lr_decay_fraction: float = 0.2  # linear decay to zero over this last share of steps
+    sparsity_warmup_fraction: float = 0.1  # relu / jumprelu: sparsity weight ramps up over this share
+    dead_after_tokens: int = 250_000  # a latent silent this long counts as dead (AuxK, logs)
+    checkpoint_every_tokens: int = 500_000
+    log_every_steps: int = 10
+    seed: int = 0
+    wandb_project: str | None = None  # None: wandb runs offline into the run directory
+    wandb: bool = True
+
+
+@dataclass
+class EvalConfig:
+    sequences: int = 64  # held-out sequences for CE loss recovered and KL
+    batch_size: int = 16
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
@@ -52,13 +99,17 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
 
-_POSITIVE = {"corpus.context_size", "corpus.max_sequences", "cache.batch_size", "cache.shard_sequences"}
+_POSITIVE = {"corpus.context_size", "corpus.max_sequences", "cache.batch_size", "cache.shard_sequences",
+             "train.batch_size", "train.total_tokens", "train.log_every_steps", "train.checkpoint_every_tokens",
+             "train.dead_after_tokens", "eval.sequences", "eval.batch_size"}
 
 
 def _type_name(tp: Any) -> str:
@@ -134,6 +185,12 @@ def _check(cfg: RunConfig, source: str) -> None:
     if not 0.0 <= cfg.corpus.held_out_fraction < 1.0:
         raise SaekitError(f"{source}: key 'corpus.held_out_fraction' must be in [0, 1), "
                           f"got {cfg.corpus.held_out_fraction}")
+    ids = [s.sae_id for s in cfg.train.saes]
+    if len(set(ids)) != len(ids):
+        raise SaekitError(f"{source}: two entries of 'train.saes' have the same id; give them distinct 'id' keys")
+    for i, spec in enumerate(cfg.train.saes):
+        if spec.expansion <= 0 or spec.k <= 0:
+            raise SaekitError(f"{source}: key 'train.saes[{i}]': expansion and k must be positive")
     if not cfg.cache.hooks:
         raise SaekitError(f"{source}: key 'cache.hooks' must list at least one hook, "
                           "e.g. [blocks.6.hook_mlp_out]")

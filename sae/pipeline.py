@@ -73,6 +73,47 @@ def stage_cache(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fals
     return folders
 
 
+def sae_dirs(cfg: RunConfig) -> list[Path]:
+    return [cfg.run_dir / "saes" / spec.sae_id for spec in cfg.train.saes]
+
+
+def stage_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> list[Path]:
+    """Train the configured SAEs; in a pipeline run, finished work is skipped and unfinished work resumed."""
+    from sae.train import CHECKPOINT_FILE, checkpoint_step, train
+
+    ckpt = cfg.run_dir / "checkpoints" / CHECKPOINT_FILE
+    total = cfg.train.total_tokens // cfg.train.batch_size
+    step = checkpoint_step(ckpt)
+    if step == total and not overwrite and all((d / "cfg.json").is_file() for d in sae_dirs(cfg)):
+        say(f"SAEs already trained ({total} steps): " + ", ".join(str(d) for d in sae_dirs(cfg)))
+        return sae_dirs(cfg)
+    say(f"training {len(cfg.train.saes)} SAE(s) on {cfg.train.total_tokens:,} tokens in batches of "
+        f"{cfg.train.batch_size:,}" + (f", resuming at step {step}" if resume and step else ""))
+    t0 = time.perf_counter()
+    out = train(cfg, resume=resume, overwrite=overwrite)
+    say(f"trained in {time.perf_counter() - t0:.0f}s -> " + ", ".join(str(d) for d in out))
+    return out
+
+
+def stage_eval(cfg: RunConfig, model: HookedTransformer) -> list[dict]:
+    """Evaluate every trained SAE on the held-out split; writes saes/<id>/eval.json."""
+    from sae.evaluate import evaluate
+    from sae.export import load_sae
+
+    held_out = prepare_tokens(cfg, model)["held_out"]
+    results = []
+    for folder in sae_dirs(cfg):
+        sae = load_sae(folder)
+        say(f"evaluating {folder.name} on {len(held_out):,} held-out sequences "
+            f"(CE loss on {min(cfg.eval.sequences, len(held_out))})")
+        res = evaluate(model, sae, held_out, cfg.eval.sequences, cfg.eval.batch_size, folder / "eval.json")
+        say(f"{folder.name}: L0 {res['l0']:.1f} | FVU {res['fvu']:.3f} | CE loss recovered "
+            f"{res['ce_loss_recovered']:.3f} | KL {res['kl_div']:.3f} | dead {res['dead_fraction']:.1%} "
+            f"| dense {res['dense_fraction']:.1%}")
+        results.append(res)
+    return results
+
+
 def start_run(cfg: RunConfig) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
