@@ -192,11 +192,16 @@ class SAE(nn.Module):
             return residual.new_zeros(())
         k_aux = max(self.cfg.d_out // 2, 1)
         scale = min(dead.numel() / k_aux, 1.0)
-        pre = self._center(x) @ self.W_enc[:, dead] + self.b_enc[dead]
-        vals, idx = pre.topk(min(k_aux, dead.numel()), dim=-1, sorted=False)
-        acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        err = acts @ self.W_dec[dead] - residual
-        return self.cfg.aux_k_coef * scale * err.pow(2).sum(-1).mean()
+        k_aux = min(k_aux, dead.numel())
+        W_enc, b_enc, W_dec = self.W_enc[:, dead], self.b_enc[dead], self.W_dec[dead]
+        if self.cfg.fast:
+            acts = sparse.sparse_encode(x, W_enc, b_enc, None if self.cfg.is_transcoder else self.b_dec, k_aux,
+                                        bf16=self._use_bf16())
+            e_hat = sparse.sparse_decode(acts, W_dec)
+        else:
+            vals, idx = (self._center(x) @ W_enc + b_enc).topk(k_aux, dim=-1, sorted=False)
+            e_hat = x.new_zeros(x.shape[0], dead.numel()).scatter(-1, idx, vals.relu()) @ W_dec
+        return self.cfg.aux_k_coef * scale * (e_hat - residual).pow(2).sum(-1).mean()
 
     # -- helpers the trainer calls -----------------------------------------------------------------
 

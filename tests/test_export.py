@@ -252,3 +252,28 @@ def test_load_directory_written_by_sparsify(tmp_path):
         torch.testing.assert_close(ours.encode(x), torch.zeros(40, 64).scatter(1, enc.top_indices, enc.top_acts),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(x), theirs(x).sae_out, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_transcoder_with_other_width_round_trips(tmp_path):
+    sae = _trained("topk", transcoder=True, d_out=12)  # SAE-Lens has no class for this; saekit reads it back
+    save_sae(sae, tmp_path, metadata=META)
+    back = load_sae(tmp_path)
+    x = _raw()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), sae(x * 3.7) / 0.6, rtol=1e-5, atol=1e-5)
+
+
+def test_load_pre_6_sae_lens_topk_config(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    t = {"W_enc": torch.randn(16, 64, generator=gen) * 0.3, "b_enc": torch.randn(64, generator=gen) * 0.1,
+         "W_dec": torch.randn(64, 16, generator=gen) * 0.3, "b_dec": torch.randn(16, generator=gen)}
+    save_file(t, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "d_in": 16, "d_sae": 64, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+        "hook_point": "blocks.2.hook_resid_post", "model_name": "gpt2", "apply_b_dec_to_input": True}))
+    ours = load_sae(tmp_path)
+    assert ours.architecture == "topk" and ours.cfg.k == 5 and ours.cfg.hook_name == "blocks.2.hook_resid_post"
+    x = _raw()
+    vals, idx = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).topk(5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), torch.zeros(40, 64).scatter(1, idx, vals.relu()))
