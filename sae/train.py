@@ -211,16 +211,29 @@ def _load_checkpoint(path: Path, members: list[Member], meta: dict[str, Any]) ->
 
 
 class MetricsLog:
-    """metrics.jsonl (rewritten atomically, so a kill never leaves half a line) plus wandb."""
+    """metrics.jsonl, an append-only journal (one JSON object per line), plus wandb.
+
+    A kill can tear only the last line; on resume the journal is rewritten atomically with just
+    the complete lines from before the checkpoint, so every step appears exactly once.
+    """
 
     def __init__(self, path: Path, cfg: RunConfig, resume_step: int, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
-        self.rows: list[dict[str, Any]] = []
-        if enabled and resume_step > 0 and path.is_file():
-            self.rows = [r for line in path.read_text().splitlines() if line.strip()
-                         for r in [json.loads(line)] if r["step"] < resume_step]
         self.wandb: Any = None
-        if enabled and cfg.train.wandb:
+        if not enabled:
+            return
+        kept = []
+        if resume_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", resume_step) < resume_step:
+                    kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+        self.fh = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
+        if cfg.train.wandb:
             import wandb
 
             mode = "online" if cfg.train.wandb_project else "offline"
@@ -230,13 +243,15 @@ class MetricsLog:
     def log(self, rows: list[dict[str, Any]]) -> None:
         if not self.enabled:
             return
-        self.rows += rows
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.fh.flush()
         if self.wandb is not None:
             flat = {f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k not in ("sae", "step")}
             self.wandb.log(flat, step=rows[0]["step"])
 
     def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
         if self.wandb is not None:
             self.wandb.finish()
 
