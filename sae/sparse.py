@@ -31,10 +31,6 @@ class SparseActs(NamedTuple):
     cols: Tensor  # [nnz] int64 latent ids, row-major, sorted within each row
     crow: Tensor  # [n + 1] int64 row offsets
 
-    def to_dense(self, d_sae: int) -> Tensor:
-        n = self.crow.numel() - 1
-        return _csr(self.crow, self.cols, self.values, (n, d_sae)).to_dense()
-
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # the "CSR support is in beta" notice; the few ops used here are solid
