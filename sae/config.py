@@ -93,6 +93,26 @@ class EvalConfig:
 
 
 @dataclass
+class AnalyzeConfig:
+    """The feature analysis pass (features/analyze.py): which tokens, and how much to keep per unit."""
+
+    split: Literal["held_out", "train", "held_out+train"] = "held_out+train"  # held-out sequences first
+    sequences: int | None = 256  # cap on analysed sequences; None: the whole split
+    source: Literal["auto", "model", "cache"] = "auto"  # auto: the activation cache when it holds every needed
+    # hook for exactly these (train) sequences, else run the model to the SAE's layer
+    batch_size: int = 32  # sequences per forward pass
+    neurons: bool = True  # also analyse the MLP neurons (blocks.L.mlp.hook_post) of the SAE's layer
+    top_examples: int = 20  # top activating contexts per unit, at most one per sequence
+    intervals: int = 10  # equal-width activation intervals per unit (even: they merge pairwise)
+    interval_examples: int = 5  # uniformly sampled examples per interval
+    window_before: int = 16  # context tokens stored before an example's token
+    window_after: int = 6  # ... and after it
+    n_logits: int = 10  # top and bottom output tokens per unit
+    n_related: int = 10  # neighbours, co-firing and correlated units kept per unit
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     runs_dir: str = "runs"
@@ -101,6 +121,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -109,7 +130,9 @@ class RunConfig:
 
 _POSITIVE = {"corpus.context_size", "corpus.max_sequences", "cache.batch_size", "cache.shard_sequences",
              "train.batch_size", "train.total_tokens", "train.log_every_steps", "train.checkpoint_every_tokens",
-             "train.dead_after_tokens", "eval.sequences", "eval.batch_size"}
+             "train.dead_after_tokens", "eval.sequences", "eval.batch_size",
+             "analyze.sequences", "analyze.batch_size", "analyze.top_examples", "analyze.intervals",
+             "analyze.interval_examples", "analyze.n_logits", "analyze.n_related"}
 
 
 def _type_name(tp: Any) -> str:
@@ -191,6 +214,11 @@ def _check(cfg: RunConfig, source: str) -> None:
     for i, spec in enumerate(cfg.train.saes):
         if spec.expansion <= 0 or spec.k <= 0:
             raise SaekitError(f"{source}: key 'train.saes[{i}]': expansion and k must be positive")
+    if cfg.analyze.intervals % 2:
+        raise SaekitError(f"{source}: key 'analyze.intervals' must be even (intervals merge pairwise when a larger "
+                          f"activation appears), got {cfg.analyze.intervals}")
+    if cfg.analyze.window_before < 0 or cfg.analyze.window_after < 0:
+        raise SaekitError(f"{source}: keys 'analyze.window_before' and 'analyze.window_after' must be >= 0")
     if not cfg.cache.hooks:
         raise SaekitError(f"{source}: key 'cache.hooks' must list at least one hook, "
                           "e.g. [blocks.6.hook_mlp_out]")
