@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sae.config import RunConfig, load_config
 from sae.errors import SaekitError
@@ -59,7 +60,52 @@ def cmd_run(args: argparse.Namespace) -> None:
     resume = (cfg.run_dir / "checkpoints" / CHECKPOINT_FILE).is_file() and not args.overwrite
     pipeline.stage_train(cfg, resume=resume, overwrite=args.overwrite)
     pipeline.stage_eval(cfg, model)
+    pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
     pipeline.say(f"done: outputs are in {cfg.run_dir}/")
+
+
+def _sae_folders(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    """--sae: an SAE id of the run or any SAE directory; default: every SAE the config trains."""
+    from sae.pipeline import sae_dirs
+
+    if not args.sae:
+        return sae_dirs(cfg)
+    folder = Path(args.sae)
+    if not folder.is_dir():
+        folder = cfg.run_dir / "saes" / args.sae
+    if not folder.is_dir():
+        ids = ", ".join(d.name for d in sae_dirs(cfg))
+        raise SaekitError(f"--sae {args.sae}: neither a directory nor an SAE of run '{cfg.name}' (its SAEs: {ids})")
+    return [folder]
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from sae import pipeline
+
+    folders = _sae_folders(cfg, args)
+    pipeline.stage_analyze(cfg, pipeline.run_model(cfg), overwrite=args.overwrite, sae_folders=folders)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from features import export
+    from features.store import store_path
+
+    folders = _sae_folders(cfg, args)
+    for folder in folders:
+        out = Path(args.out) if args.out else cfg.run_dir / "exports" / f"{folder.name}-{args.format}"
+        if args.out and len(folders) > 1:
+            out = out / folder.name
+        if args.format == "bundle":
+            export.export_bundle(folder, out, overwrite=args.overwrite)
+            print(f"[saekit] bundle (SAE-Lens files + features.db + README.json) -> {out}")
+        elif args.format == "parquet":
+            files = export.export_parquet(store_path(folder), out)
+            print(f"[saekit] {len(files)} Parquet tables -> {out}")
+        else:
+            files = export.export_neuronpedia(store_path(folder), out, kind=args.kind)
+            print(f"[saekit] {len(files)} Neuronpedia batch files ({args.kind}s) -> {out}")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
          cmd_train),
         ("eval", "evaluate trained SAEs on held-out text: L0, FVU, dead/dense, CE loss recovered, KL", cmd_eval),
         ("run", "run every stage of the pipeline for a config, resuming what is already done", cmd_run),
+        ("analyze", "analyse SAE features and their layer's MLP neurons into a feature store (features.db)",
+         cmd_analyze),
+        ("export", "export a feature store: Parquet tables, Neuronpedia JSON batches, or a portable bundle",
+         cmd_export),
     ]
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -86,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild outputs that were built from other inputs instead of refusing")
+        if name in ("analyze", "export"):
+            p.add_argument("--sae", help="one SAE: its id under runs/<name>/saes/ or any SAE directory "
+                                         "(default: every SAE in the config)")
+        if name == "export":
+            p.add_argument("--format", choices=("parquet", "neuronpedia", "bundle"), default="bundle",
+                           help="parquet tables, Neuronpedia-style JSON batches, or a bundle (default)")
+            p.add_argument("--out", help="output folder (default: runs/<name>/exports/<sae-id>-<format>)")
+            p.add_argument("--kind", choices=("feature", "neuron"), default="feature",
+                           help="neuronpedia: which units to export (default: feature)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.set_defaults(fn=fn)

@@ -114,6 +114,30 @@ def stage_eval(cfg: RunConfig, model: HookedTransformer) -> list[dict]:
     return results
 
 
+def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = False,
+                  sae_folders: list[Path] | None = None) -> list[Path]:
+    """Analyse every SAE's features and its layer's neurons into saes/<id>/features.db (skipped when current)."""
+    from features.analyze import run_analysis, select_tokens
+    from features.store import FeatureStore
+
+    splits = prepare_tokens(cfg, model)
+    n_tokens = select_tokens(splits, cfg.analyze)[0].numel()
+    paths = []
+    for folder in sae_folders or sae_dirs(cfg):
+        say(f"analysing {folder.name}: features and {'neurons' if cfg.analyze.neurons else 'no neurons'} over "
+            f"{n_tokens:,} tokens ({cfg.analyze.split})")
+        t0 = time.perf_counter()
+        path, built = run_analysis(cfg, model, folder, splits, overwrite=overwrite)
+        with FeatureStore.open(path) as store:
+            units = store.summary()["units"]
+        counts = " | ".join(f"{kind}s: {c['live']:,} live, {c['dead']:,} dead, {c['dense']:,} dense"
+                            for kind, c in units.items())
+        how = f"built in {time.perf_counter() - t0:.0f}s" if built else "up to date"
+        say(f"feature store {path} ({how}): {counts}")
+        paths.append(path)
+    return paths
+
+
 def start_run(cfg: RunConfig) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
