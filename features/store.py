@@ -449,7 +449,7 @@ class FeatureStore:
 
     def _where(self, query: str, kind: str, status: str | None, min_freq: float | None, max_freq: float | None,
                min_max_act: float | None, semantic_class: str | None, tagged: bool | None,
-               include_dead: bool) -> tuple[str, list[Any]]:
+               include_dead: bool, tag: Sequence[str | None] | None = None) -> tuple[str, list[Any]]:
         clauses, args = ["u.kind = ?"], [self._kind(kind)]
         if status is not None:
             if status not in ("live", "dead", "dense"):
@@ -469,6 +469,14 @@ class FeatureStore:
         if tagged is not None:
             clauses.append(("" if tagged else "NOT ") + "EXISTS (SELECT 1 FROM tags t WHERE t.kind = u.kind AND "
                            "t.idx = u.idx)")
+        if tag is not None and any(v is not None for v in tag):  # (entity_type, attribute, value); None: any
+            parts = []
+            for col, v in zip(("entity_type", "attribute", "value"), tag, strict=True):
+                if v is not None:
+                    parts.append(f" AND t.{col} = ?")
+                    args.append(v)
+            clauses.append("EXISTS (SELECT 1 FROM tags t WHERE t.kind = u.kind AND t.idx = u.idx" + "".join(parts)
+                           + ")")
         query = query.strip()
         if query:
             like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -488,13 +496,15 @@ class FeatureStore:
     def search(self, query: str = "", kind: str = "feature", limit: int = 50, offset: int = 0, *,
                status: str | None = None, min_freq: float | None = None, max_freq: float | None = None,
                min_max_act: float | None = None, semantic_class: str | None = None, tagged: bool | None = None,
-               include_dead: bool = True, order_by: str = "idx", descending: bool = False) -> list[UnitSummary]:
+               include_dead: bool = True, order_by: str = "idx", descending: bool = False,
+               tag: Sequence[str | None] | None = None) -> list[UnitSummary]:
         """Units whose top tokens, top logit tokens, explanations or tags contain `query` (or whose index it is),
-        filtered and ordered (order_by: idx, freq, max_act, mean_act, n_fires, semantic_score, f1)."""
+        filtered and ordered (order_by: idx, freq, max_act, mean_act, n_fires, semantic_score, f1). `tag`:
+        (entity_type, attribute, value), each None for any: only units with such a tag."""
         if order_by not in ORDER_COLUMNS:
             raise SaekitError(f"cannot order by '{order_by}'; choose one of {', '.join(ORDER_COLUMNS)}")
         where, args = self._where(query, kind, status, min_freq, max_freq, min_max_act, semantic_class, tagged,
-                                  include_dead)
+                                  include_dead, tag)
         direction = "DESC" if descending else "ASC"
         sql = (f"{_SUMMARY_SQL}{where} ORDER BY {ORDER_COLUMNS[order_by]} {direction} NULLS LAST, u.idx "
                f"LIMIT ? OFFSET ?")
@@ -502,10 +512,11 @@ class FeatureStore:
 
     def count(self, query: str = "", kind: str = "feature", *, status: str | None = None,
               min_freq: float | None = None, max_freq: float | None = None, min_max_act: float | None = None,
-              semantic_class: str | None = None, tagged: bool | None = None, include_dead: bool = True) -> int:
+              semantic_class: str | None = None, tagged: bool | None = None, include_dead: bool = True,
+              tag: Sequence[str | None] | None = None) -> int:
         """How many units `search` with the same arguments would page through."""
         where, args = self._where(query, kind, status, min_freq, max_freq, min_max_act, semantic_class, tagged,
-                                  include_dead)
+                                  include_dead, tag)
         sql = f"SELECT COUNT(*) FROM units u LEFT JOIN semantics s ON s.kind = u.kind AND s.idx = u.idx{where}"
         return int(self.con.execute(sql, args).fetchone()[0])
 
@@ -525,6 +536,38 @@ class FeatureStore:
                 "sae_id": m.get("sae_id"), "model_name": m.get("model_name"), "hook": m["analysis"]["sae_hook"],
                 "eval": m.get("eval"), "sae": m.get("sae"), "config": m.get("run_config"),
                 "created": m.get("created")}
+
+    # -- bulk queries for the viewer (app_streamlit.py) ------------------------------------------------
+
+    def unit_table(self, kind: str = "feature") -> dict[str, list[Any]]:
+        """Every unit of a kind as columns (idx, status, n_fires, freq, mean_act, max_act, top_tokens, semantic
+        class and score, tag count, best tag f1), in index order: one query for plots and table exports."""
+        cols = ["idx", "status", "n_fires", "freq", "mean_act", "max_act", "top_tokens", "semantic_class",
+                "semantic_score", "n_tags", "best_f1"]
+        rows = self.con.execute(
+            "SELECT u.idx, u.status, u.n_fires, u.freq, u.mean_act, u.max_act, u.top_tokens, s.class, s.score, "
+            "t.n, t.f1 FROM units u LEFT JOIN semantics s ON s.kind = u.kind AND s.idx = u.idx "
+            "LEFT JOIN (SELECT idx, COUNT(*) AS n, MAX(f1) AS f1 FROM tags WHERE kind = ?1 GROUP BY idx) t "
+            "ON t.idx = u.idx WHERE u.kind = ?1 ORDER BY u.idx", (self._kind(kind),)).fetchall()
+        out = {c: list(v) for c, v in zip(cols, zip(*rows, strict=True), strict=True)} if rows else \
+            {c: [] for c in cols}
+        out["n_tags"] = [n or 0 for n in out["n_tags"]]
+        return out
+
+    def summaries(self, kind: str, indices: Iterable[int]) -> dict[int, UnitSummary]:
+        """List rows of the given units (unknown indices left out), e.g. to label links to related units."""
+        ids = sorted({int(i) for i in indices})
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.con.execute(f"{_SUMMARY_SQL} WHERE u.kind = ? AND u.idx IN ({marks})", (self._kind(kind), *ids))
+        return {r[1]: _summary(r) for r in rows}
+
+    def tag_values(self, kind: str | None = None) -> list[tuple[str, str, str, int]]:
+        """Distinct (entity_type, attribute, value, units tagged) in the tags table, for filter menus."""
+        sql = ("SELECT entity_type, attribute, value, COUNT(DISTINCT kind || idx) FROM tags WHERE (?1 IS NULL OR "
+               "kind = ?1) GROUP BY entity_type, attribute, value ORDER BY entity_type, attribute, value")
+        return [(a, b, c, int(n)) for a, b, c, n in self.con.execute(sql, (kind,))]
 
     # -- labeler tables ------------------------------------------------------------------------------
 
