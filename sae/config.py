@@ -113,6 +113,37 @@ class AnalyzeConfig:
 
 
 @dataclass
+class LabelConfig:
+    """The entity-attribute labeler (features/label.py) and monosemanticity scores (features/semantics.py);
+    the thresholds are justified in features/label.py's docstring."""
+
+    sae: str | None = None  # SAE id under saes/ to label; None: every SAE of train.saes
+    entities: str = "builtin"  # "builtin" (features/data) or a folder of <name>.csv + <name>.templates.json
+    entity_types: list[str] | None = None  # only these entity types; None: all in `entities`
+    max_entities: int | None = 300  # per entity type, a deterministic sample (by name hash); None: all
+    templates: int = 1  # attribute prompts per attribute the knowledge filter averages over (the first n)
+    knowledge_filter: bool = True  # keep only entities whose attribute the model ranks first among the values
+    pooling: Literal["last", "max"] = "last"  # the entity's last token, or max over its tokens
+    start_token: bool = True  # begin prompts with the corpus's document separator, as the training text does
+    batch_size: int = 64  # prompts per forward pass
+    min_class_size: int = 5  # a value needs this many known entities to be scored or probed
+    min_positives: int = 10  # ... and this many to be tagged
+    min_f1: float = 0.6
+    min_auroc: float = 0.85
+    test_fraction: float = 0.25  # held-out share of each value's entities for the probes
+    probe_k: int = 8  # units in the k-sparse probe
+    probe_l2: float = 1e-3
+    probe_steps: int = 200  # LBFGS iterations
+    causal_tags: int = 24  # tags checked causally per kind (the best tag of each value, round-robin); 0: none
+    causal_prompts: int = 8  # attribute prompts per checked tag
+    causal_controls: int = 10  # random units ablated for comparison per checked tag
+    causal_min_effect: float = 0.1  # nats: smallest mean log-prob drop that counts as causal
+    causal_min_z: float = 2.0  # ... and its smallest z-score against the controls
+    semantics: bool = True  # also score every unit's monosemanticity from the store's examples
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     runs_dir: str = "runs"
@@ -122,6 +153,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -132,7 +164,9 @@ _POSITIVE = {"corpus.context_size", "corpus.max_sequences", "cache.batch_size", 
              "train.batch_size", "train.total_tokens", "train.log_every_steps", "train.checkpoint_every_tokens",
              "train.dead_after_tokens", "eval.sequences", "eval.batch_size",
              "analyze.sequences", "analyze.batch_size", "analyze.top_examples", "analyze.intervals",
-             "analyze.interval_examples", "analyze.n_logits", "analyze.n_related"}
+             "analyze.interval_examples", "analyze.n_logits", "analyze.n_related",
+             "label.max_entities", "label.templates", "label.batch_size", "label.min_class_size",
+             "label.min_positives", "label.probe_k", "label.probe_steps", "label.causal_prompts"}
 
 
 def _type_name(tp: Any) -> str:
@@ -219,6 +253,17 @@ def _check(cfg: RunConfig, source: str) -> None:
                           f"activation appears), got {cfg.analyze.intervals}")
     if cfg.analyze.window_before < 0 or cfg.analyze.window_after < 0:
         raise SaekitError(f"{source}: keys 'analyze.window_before' and 'analyze.window_after' must be >= 0")
+    lab = cfg.label
+    for key in ("min_f1", "min_auroc", "test_fraction"):
+        if not 0.0 <= getattr(lab, key) <= 1.0:
+            raise SaekitError(f"{source}: key 'label.{key}' must be in [0, 1], got {getattr(lab, key)}")
+    if not 0.0 < lab.test_fraction < 1.0:
+        raise SaekitError(f"{source}: key 'label.test_fraction' must be strictly between 0 and 1")
+    if lab.min_class_size < 2:
+        raise SaekitError(f"{source}: key 'label.min_class_size' must be at least 2 (one to train, one to test)")
+    if lab.causal_tags < 0 or lab.causal_controls < 0 or lab.probe_l2 < 0:
+        raise SaekitError(f"{source}: keys 'label.causal_tags', 'label.causal_controls' and 'label.probe_l2' "
+                          "must be >= 0")
     if not cfg.cache.hooks:
         raise SaekitError(f"{source}: key 'cache.hooks' must list at least one hook, "
                           "e.g. [blocks.6.hook_mlp_out]")
