@@ -65,8 +65,8 @@ def hist_edges() -> list[float]:
 
 
 class Firings(NamedTuple):
-    """A batch's positive activations as a token-major sparse list (units ascending within a token), plus the
-    dense matrix where the kind has one (neurons: signed values, used for lookups and correlations)."""
+    """A batch's positive activations as a token-major sparse list (units ascending within a token), the most
+    active units at each token, and the dense matrix where the kind has one (neurons: signed values)."""
 
     unit: Tensor  # [nnz] int64
     token: Tensor  # [nnz] int64 row in the batch: sequence * ctx + position
@@ -74,63 +74,62 @@ class Firings(NamedTuple):
     n_tokens: int
     n_units: int
     dense: Tensor | None  # [n_tokens, n_units] or None
+    at_token: Tensor  # [n_tokens, width] int64: the `width` most active firing units per token, -1 where fewer
 
 
-def firings_from_dense(acts: Tensor) -> Firings:
+def _strongest(values: Tensor, ids: Tensor, width: int) -> Tensor:
+    """[n, width] ids of the largest positive values per row (-1 padding)."""
+    out = torch.full((values.shape[0], width), -1, dtype=torch.int64)
+    if values.shape[1] > width:
+        top = values.topk(width, dim=1)
+        values, ids = top.values, ids.gather(1, top.indices) if ids.dim() == 2 else top.indices
+    elif ids.dim() == 1:
+        ids = ids.expand_as(values)
+    out[:, :values.shape[1]] = torch.where(values > 0, ids, -1)
+    return out
+
+
+def firings_from_dense(acts: Tensor, width: int) -> Firings:
     acts = acts.float()
     mask = acts > 0
     token, unit = mask.nonzero(as_tuple=True)
-    return Firings(unit, token, acts[mask], acts.shape[0], acts.shape[1], acts)
+    at = _strongest(acts, torch.arange(acts.shape[1]), width)
+    return Firings(unit, token, acts[mask], acts.shape[0], acts.shape[1], acts, at)
 
 
-def feature_firings(sae: SAE, x: Tensor) -> Firings:
+def feature_firings(sae: SAE, x: Tensor, width: int) -> Firings:
     """The SAE's activations on x [n, d_in]. TopK goes through the sparse kernel (no dense [n, d_sae] matrix);
     other architectures encode densely and keep the matrix for lookups."""
     x = x.to(sae.W_enc.dtype)
     if sae.architecture != "topk":
-        return firings_from_dense(sae.encode(x))
-    acts = sparse.sparse_encode(x, sae.W_enc, sae.b_enc, None if sae.cfg.is_transcoder else sae.b_dec, sae.cfg.k,
+        return firings_from_dense(sae.encode(x), width)
+    n, k = x.shape[0], sae.cfg.k
+    acts = sparse.sparse_encode(x, sae.W_enc, sae.b_enc, None if sae.cfg.is_transcoder else sae.b_dec, k,
                                 bf16=sae._use_bf16())
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), acts.crow.diff())
-    keep = acts.values > 0
-    return Firings(acts.cols[keep], rows[keep], acts.values[keep].float(), x.shape[0], sae.cfg.d_sae, None)
+    values = acts.values.float()
+    at = _strongest(values.view(n, k), acts.cols.view(n, k), width)
+    rows = torch.arange(n).repeat_interleave(k)
+    keep = values > 0
+    return Firings(acts.cols[keep], rows[keep], values[keep], n, sae.cfg.d_sae, None, at)
 
 
 def lookup(f: Firings, unit: Tensor, token: Tensor) -> Tensor:
     """Activation of `unit` at batch row `token` (same shapes); 0 where a sparse kind does not fire."""
     if f.dense is not None:
         return f.dense[token, unit]
+    if len(f.unit) == 0:
+        return torch.zeros(token.shape)
     keys = f.token * f.n_units + f.unit  # sorted, as the list is token-major with units ascending
     query = token * f.n_units + unit
-    at = torch.searchsorted(keys, query).clamp_(max=max(len(keys) - 1, 0))
-    if len(keys) == 0:
-        return torch.zeros(query.shape)
+    at = torch.searchsorted(keys, query).clamp_(max=len(keys) - 1)
     return torch.where(keys[at] == query, f.value[at], 0.0)
 
 
-def strongest_at(f: Firings, token: Tensor, width: int) -> Tensor:
-    """The `width` most active firing units at each batch row in `token`, as [n, width] ids, -1 where fewer fire."""
-    out = torch.full((len(token), width), -1, dtype=torch.int64)
-    if len(token) == 0 or width == 0:
-        return out
-    if f.dense is not None:
-        vals, ids = f.dense[token].topk(min(width, f.n_units), dim=1)
-        out[:, :ids.shape[1]] = torch.where(vals > 0, ids, -1)
-        return out
-    counts = torch.bincount(f.token, minlength=f.n_tokens)
-    starts = torch.cumsum(counts, 0) - counts
-    n = counts[token]
-    longest = int(n.max()) if len(n) else 0
-    if longest == 0:
-        return out
-    at = starts[token, None] + torch.arange(longest)
-    valid = torch.arange(longest) < n[:, None]
-    at = at.clamp_(max=len(f.value) - 1)
-    vals = torch.where(valid, f.value[at], -math.inf)
-    best = vals.topk(min(width, longest), dim=1)
-    ids = torch.where(best.values > -math.inf, f.unit[at.gather(1, best.indices)], -1)
-    out[:, :ids.shape[1]] = ids
-    return out
+def _sort_key(group: Tensor, key: Tensor) -> Tensor:
+    """One int64 ordering by group, then by the float32 key (its bits made order-preserving as an integer)."""
+    bits = key.float().view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude sorts first
+    return group * (1 << 32) + bits + (1 << 31)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,34 +167,33 @@ class Reservoirs:
         return t.view(self.groups * self.size, *t.shape[2:])
 
     def offer(self, group: Tensor, key: Tensor, fill: Callable[[Tensor], dict[str, Tensor]]) -> None:
-        """Merge candidates in; `fill(i)` gives the payload of the candidates at indices i that were kept."""
+        """Merge candidates in; `fill(i)` gives the payload of the candidates at indices i that were kept.
+
+        Kept entries stay in their slots (order within a group does not matter until `sorted`): only the
+        slots of entries that lost are rewritten, with the winning candidates of the same group.
+        """
         keep = key < self.worst()[group]
         cand = keep.nonzero().squeeze(1)
         if len(cand) == 0:
             return
         group, key = group[cand], key[cand]
         size = self.size
-        touched = torch.unique(group)
+        touched = torch.bincount(group, minlength=self.groups).nonzero().squeeze(1)
         old_slot = (touched[:, None] * size + torch.arange(size)).flatten()
+        n_old = len(old_slot)
         all_group = torch.cat([touched.repeat_interleave(size), group])
-        all_key = torch.cat([self._flat("key")[old_slot], key])
-        source = torch.cat([old_slot, -1 - torch.arange(len(group))])  # >= 0: a slot; < 0: a candidate
-        order = torch.argsort(all_key, stable=True)
-        order = order[torch.argsort(all_group[order], stable=True)]
+        order = torch.sort(_sort_key(all_group, torch.cat([self._flat("key")[old_slot], key]))).indices
         sorted_group = all_group[order]
-        rank = torch.arange(len(order)) - torch.searchsorted(sorted_group, sorted_group)
-        won = rank < size  # every touched group fills all `size` slots: it offered its own `size` entries
-        kept, dest = order[won], sorted_group[won] * size + rank[won]
-        src = source[kept]
-        from_old = src >= 0
-        new_local = -1 - src[~from_old]
-        payload = fill(cand[new_local])
-        payload["key"] = key[new_local]
+        won = torch.arange(len(order)) - torch.searchsorted(sorted_group, sorted_group) < size
+        is_old = order < n_old
+        # Both lists are in group order, and per group as many old entries lost as candidates won.
+        freed = old_slot[order[is_old & ~won]]
+        winners = order[~is_old & won] - n_old
+        payload = fill(cand[winners])
+        payload["key"] = key[winners]
         for name in self.data:
             flat = self._flat(name)
-            old_values = flat[src[from_old]]  # read before any slot is overwritten
-            flat[dest[~from_old]] = payload[name].to(flat.dtype)
-            flat[dest[from_old]] = old_values
+            flat[freed] = payload[name].to(flat.dtype)
 
     def sorted(self) -> dict[str, Tensor]:
         """The tables with each group's entries in key order (empty slots last, seq -1)."""
@@ -293,7 +291,7 @@ class UnitAccumulator:
         out = {"seq": first_seq + token // w.ctx, "pos": pos, "value": value,
                "window": torch.where((q >= 0) & (q < w.ctx), acts, math.nan)}
         if cofire:
-            out["cofire"] = strongest_at(f, token, cofire)
+            out["cofire"] = f.at_token[token]
         return out
 
     def update(self, f: Firings, first_seq: int) -> None:
@@ -365,8 +363,9 @@ class Correlation:
         """(neuron ids, r) [d_sae, n] per feature and (feature ids, r) [d_mlp, n] per neuron, highest r first."""
         N = max(self.tokens, 1)
         f_mean, n_mean = self.f_sum / N, self.n_sum / N
-        f_std = (self.f_sq / N - f_mean ** 2).clamp_min(0).sqrt()
-        n_std = (self.n_sq / N - n_mean ** 2).clamp_min(0).sqrt()
+        f_std = (self.f_sq / N - f_mean ** 2).clamp_min(0).sqrt().float()
+        n_std = (self.n_sq / N - n_mean ** 2).clamp_min(0).sqrt().float()
+        f_mean, n_mean = f_mean.float(), n_mean.float()
         n_f, n_n = self.prod.shape
         k_n, k_f = min(n, n_n), min(n, n_f)
         f_ids, f_r = torch.zeros(n_f, k_n, dtype=torch.int64), torch.zeros(n_f, k_n)
@@ -374,8 +373,8 @@ class Correlation:
         best_ids = torch.zeros(n_n, k_f, dtype=torch.int64)
         for lo in range(0, n_f, chunk):
             hi = min(lo + chunk, n_f)
-            cov = self.prod[lo:hi].double() / N - f_mean[lo:hi, None] * n_mean[None, :]
-            r = (cov / (f_std[lo:hi, None] * n_std[None, :])).float()
+            cov = self.prod[lo:hi] / N - f_mean[lo:hi, None] * n_mean[None, :]
+            r = cov / (f_std[lo:hi, None] * n_std[None, :])
             r = torch.where(torch.isfinite(r), r, -math.inf)  # a unit that never varies has no correlation
             top = r.topk(k_n, dim=1)
             f_ids[lo:hi], f_r[lo:hi] = top.indices, top.values
@@ -398,33 +397,59 @@ def ln_final_weight(model: HookedTransformer) -> tuple[Tensor, str]:
     return w.detach().float().cpu(), "ln_final.w applied"
 
 
-def logit_effects(model: HookedTransformer, directions: Tensor, n: int, chunk: int = 256) -> dict[str, Tensor]:
+def _top_exact(approx: Tensor, exact: Callable[[Tensor], Tensor], n: int, largest: bool = True) -> tuple[Tensor,
+                                                                                                     Tensor]:
+    """Top n per row: candidates picked from a cheap (bf16) score with a few spare, their scores recomputed
+    exactly by `exact(ids)` -> [rows, candidates], then the final n taken from the exact scores."""
+    spare = min(n + 8, approx.shape[1])
+    ids = approx.topk(spare, dim=1, largest=largest).indices
+    values = exact(ids)
+    best = values.topk(n, dim=1, largest=largest)
+    return ids.gather(1, best.indices), best.values
+
+
+def logit_effects(model: HookedTransformer, directions: Tensor, n: int, chunk: int = 256,
+                  hist_sample: int = 8192) -> dict[str, Tensor]:
     """Top and bottom n output tokens of each direction [units, d_model] through ln_final.w and W_U, and a
-    LOGIT_HIST_BINS-bin histogram of its effect on every token. b_U and the norm's scale are left out: they do
-    not depend on the direction. LayerNorm models also subtract the direction's mean, as LayerNorm would."""
+    LOGIT_HIST_BINS-bin histogram of its effect over a fixed sample of `hist_sample` vocabulary tokens.
+
+    b_U and the norm's scale are left out: they do not depend on the direction. LayerNorm models also
+    subtract the direction's mean, as LayerNorm would. Candidates come from a bf16 matmul over the whole
+    vocabulary; the reported values are recomputed in float32.
+    """
     w, _ = ln_final_weight(model)
     W_U = model.W_U.detach().float().cpu()
+    W_U_rows = W_U.t().contiguous()  # [vocab, d_model], to recompute chosen tokens exactly
+    W_U_bf16 = W_U.bfloat16()
+    vocab = W_U.shape[1]
+    sample = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:hist_sample].sort().values
+    W_U_sample = W_U[:, sample].contiguous()
     dirs = directions.float().cpu()
     if model.cfg.normalization_type in ("LN", "LNPre"):
         dirs = dirs - dirs.mean(dim=1, keepdim=True)
     dirs = dirs * w
-    n = min(n, W_U.shape[1])
+    n = min(n, vocab)
     units = len(dirs)
     out = {"pos_ids": torch.zeros(units, n, dtype=torch.int64), "pos_values": torch.zeros(units, n),
            "neg_ids": torch.zeros(units, n, dtype=torch.int64), "neg_values": torch.zeros(units, n),
            "hist": torch.zeros(units, LOGIT_HIST_BINS, dtype=torch.int64), "hist_lo": torch.zeros(units),
            "hist_hi": torch.zeros(units)}
     for lo in range(0, units, chunk):
-        eff = dirs[lo:lo + chunk] @ W_U
-        top, bot = eff.topk(n, dim=1), eff.topk(n, dim=1, largest=False)
-        mn, mx = bot.values[:, 0], top.values[:, 0]
+        d = dirs[lo:lo + chunk]
+        approx = d.bfloat16() @ W_U_bf16
+
+        def exact(ids: Tensor, d: Tensor = d) -> Tensor:
+            return torch.einsum("rd,rkd->rk", d, W_U_rows[ids])
+
+        sl = slice(lo, lo + len(d))
+        out["pos_ids"][sl], out["pos_values"][sl] = _top_exact(approx, exact, n)
+        out["neg_ids"][sl], out["neg_values"][sl] = _top_exact(approx, exact, n, largest=False)
+        eff = d @ W_U_sample
+        mn, mx = eff.min(dim=1).values, eff.max(dim=1).values
         scale = LOGIT_HIST_BINS / (mx - mn).clamp_min(1e-12)
         bins = ((eff - mn[:, None]) * scale[:, None]).long().clamp_(0, LOGIT_HIST_BINS - 1)
         rows = torch.arange(len(eff))[:, None] * LOGIT_HIST_BINS
         hist = torch.bincount((bins + rows).flatten(), minlength=len(eff) * LOGIT_HIST_BINS)
-        sl = slice(lo, lo + len(eff))
-        out["pos_ids"][sl], out["pos_values"][sl] = top.indices, top.values
-        out["neg_ids"][sl], out["neg_values"][sl] = bot.indices, bot.values
         out["hist"][sl], out["hist_lo"][sl], out["hist_hi"][sl] = hist.view(-1, LOGIT_HIST_BINS), mn, mx
     return out
 
@@ -433,18 +458,30 @@ def cosine_top(a: Tensor, b: Tensor, n: int, exclude_self: bool, by_abs: bool = 
                chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """For each row of a, the n rows of b with the highest cosine (or |cosine|), as (ids, signed cosines)."""
     a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
-    n = min(n, len(b) - (1 if exclude_self else 0))
-    ids, vals = torch.zeros(len(a), max(n, 0), dtype=torch.int64), torch.zeros(len(a), max(n, 0))
-    if n <= 0:
+    n = max(min(n, len(b) - (1 if exclude_self else 0)), 0)
+    ids, vals = torch.zeros(len(a), n, dtype=torch.int64), torch.zeros(len(a), n)
+    if n == 0:
         return ids, vals
+    b_bf16 = b.t().bfloat16()
     for lo in range(0, len(a), chunk):
-        sims = a[lo:lo + chunk] @ b.t()
-        score = sims.abs() if by_abs else sims.clone()
+        rows = a[lo:lo + chunk]
+        score = (rows.bfloat16() @ b_bf16).float()
+        if by_abs:
+            score = score.abs()
         if exclude_self:
-            rows = torch.arange(len(sims))
-            score[rows, rows + lo] = -math.inf
-        top = score.topk(n, dim=1).indices
-        ids[lo:lo + len(sims)], vals[lo:lo + len(sims)] = top, sims.gather(1, top)
+            r = torch.arange(len(rows))
+            score[r, r + lo] = -math.inf
+
+        def exact(cand: Tensor, rows: Tensor = rows, lo: int = lo) -> Tensor:
+            sims = torch.einsum("rd,rkd->rk", rows, b[cand])
+            sims = sims.abs() if by_abs else sims
+            if exclude_self:
+                sims[cand == torch.arange(lo, lo + len(rows))[:, None]] = -math.inf
+            return sims
+
+        top, _ = _top_exact(score, exact, n)
+        ids[lo:lo + len(rows)] = top
+        vals[lo:lo + len(rows)] = torch.einsum("rd,rkd->rk", rows, b[top])
     return ids, vals
 
 
@@ -582,24 +619,25 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
     hooks = list(dict.fromkeys([sae.cfg.hook_name] + ([neuron_hook] if cfg.neurons else [])))
     window = Window(cfg.window_before, cfg.window_after, ctx)
     gen = torch.Generator().manual_seed(cfg.seed)
-    k_cofire = min(sae.cfg.k if sae.architecture == "topk" else 32, sae.cfg.d_sae)
+    k_cofire = min(32, sae.cfg.d_sae)
     acc = {"feature": UnitAccumulator("feature", sae.cfg.d_sae, cfg, window, k_cofire, gen)}
     corr = None
     if cfg.neurons:
         d_mlp = model.cfg.d_mlp
-        acc["neuron"] = UnitAccumulator("neuron", d_mlp, cfg, window, min(32, d_mlp), gen)
+        n_cofire = min(32, d_mlp)
+        acc["neuron"] = UnitAccumulator("neuron", d_mlp, cfg, window, n_cofire, gen)
         corr = Correlation(sae.cfg.d_sae, d_mlp)
     source = batches if batches is not None else model_batches(model, tokens, hooks, cfg.batch_size)
     bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, desc="analysing", disable=not progress,
                dynamic_ncols=True)
     try:
         for first, acts in source:
-            feats = feature_firings(sae, acts[sae.cfg.hook_name].float())
+            feats = feature_firings(sae, acts[sae.cfg.hook_name].float(), k_cofire)
             if feats.n_tokens % ctx:
                 raise SaekitError(f"a batch of {feats.n_tokens} activations is not whole sequences of {ctx} tokens")
             acc["feature"].update(feats, first)
             if corr is not None:
-                neurons = firings_from_dense(acts[neuron_hook])
+                neurons = firings_from_dense(acts[neuron_hook], n_cofire)
                 acc["neuron"].update(neurons, first)
                 corr.update(feats, neurons.dense)
             bar.update(feats.n_tokens)
@@ -631,10 +669,11 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
         "firing": "activation > 0 (neurons: the signed blocks.L.mlp.hook_post value > 0)",
         "dense_threshold": DENSE_THRESHOLD,
         "logit_effect": f"(direction * ln_final.w) @ W_U, {ln_note}; direction = decoder row (through W_out for an "
-                        "mlp.hook_post SAE) for features, W_out row for neurons; b_U and the norm's scale left out",
+                        "mlp.hook_post SAE) for features, W_out row for neurons; b_U and the norm's scale left "
+                        "out; the logit histogram covers a fixed random sample of 8192 vocabulary tokens",
         "neighbours": "cosine of output directions (decoder rows / W_out rows)",
         "cofiring": "share of the unit's firings (interval samples, weighted by interval counts) at which the "
-                    f"other unit is among the {k_cofire} (features) / 32 (neurons) most active",
+                    "other unit is among the 32 most active units of its kind at that token",
         "correlated": "Pearson correlation over all analysed tokens of feature activations and signed neuron "
                       "activations",
         "aligned": "cosine between a feature's decoder direction and a neuron's W_out row, ranked by |cosine|",
