@@ -251,7 +251,8 @@ def _read_templates(path: Path) -> tuple[dict[str, Any], str]:
     parsed: dict[str, AttributeTemplates] = {}
     for name, spec in attrs.items():
         if not isinstance(spec, dict):
-            raise fail(name, f"attribute '{name}' must be an object like {{\"templates\": [\"... {PLACEHOLDER} ...\"]}}")
+            raise fail(name, f"attribute '{name}' must be an object like "
+                             f"{{\"templates\": [\"... {PLACEHOLDER} ...\"]}}")
         for k in spec:
             if k not in _ATTRIBUTE_KEYS:
                 raise fail(k, f"attribute '{name}' has unknown key '{k}'; allowed keys are "

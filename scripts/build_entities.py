@@ -362,20 +362,44 @@ OCCUPATIONS = {w: w for w in ["poet", "writer", "composer", "painter", "sculptor
                               "philosopher", "economist", "historian", "architect", "inventor", "explorer",
                               "politician", "king", "queen", "general", "soldier", "pope", "saint",
                               "theologian", "athlete", "businessman", "physician", "dancer", "engineer",
-                              "psychologist"]}
+                              "psychologist", "artist"]}
 OCCUPATIONS |= {"statesman": "politician", "president_of_the_united_states": "president",
                 "film_maker": "film director", "actress": "actor"}
 PERSON_LEXFILE = 18  # noun.person
 # The gloss of a WordNet person opens with a nationality: "United States physicist (born in Germany)...".
 NATIONALITY_ALIASES = {"United States": "American", "English": "British", "Scottish": "British",
-                       "Welsh": "British"}
+                       "Welsh": "British", "Athenian": "Greek", "Roman": "Roman", "Prussian": "German"}
 
 
 def person_name(lemmas: list[str]) -> str:
-    """The shortest multi-word lemma ('Winston Churchill', not 'Sir Winston Leonard Spenser Churchill');
-    a lone name ('Plato') when there is no other."""
-    full = [w for w in lemmas if "_" in w and not w.startswith(("Sir_", "Saint_", "St._"))]
-    return min(full, key=len).replace("_", " ") if full else lemmas[0]
+    """The everyday full name: 'Ludwig van Beethoven', not 'van Beethoven' or 'Bard of Avon'.
+
+    Prefer the shortest capitalised multi-word lemma ending in the synset's head name (the surname);
+    a lone name ('Plato') when there is no other.
+    """
+    full = [w for w in lemmas if "_" in w and w[0].isupper() and not w.startswith(("Sir_", "Saint_", "St._"))]
+    with_surname = [w for w in full if w.endswith("_" + lemmas[0])]
+    return min(with_surname or full or lemmas[:1], key=len).replace("_", " ")
+
+
+# Words that may precede the nationality in a gloss's opening ("prolific Austrian composer"); anything
+# else ("son of the Greek king") means the nationality is not the person's.
+GLOSS_STOPWORDS = {"of", "the", "a", "an", "in", "to", "by", "for", "with", "from", "son", "daughter",
+                   "wife", "husband", "father", "mother", "brother", "sister", "king", "queen", "leader",
+                   "member", "one", "born", "who"}
+
+
+def gloss_nationality(gloss: str, openers: list[str]) -> str | None:
+    """The demonym among a gloss's first four words, if only lowercase adjectives come before it."""
+    words = re.split(r"[;(]", gloss, maxsplit=1)[0].split()
+    for i in range(min(4, len(words))):
+        rest = " ".join(words[i:]) + " "
+        hit = next((d for d in openers if rest.startswith(d + " ")), None)
+        if hit:
+            return hit
+        if not words[i].islower() or words[i] in GLOSS_STOPWORDS:
+            return None
+    return None
 
 
 def build_person() -> Built:
@@ -389,7 +413,7 @@ def build_person() -> Built:
         if s.lexfile != PERSON_LEXFILE or not s.is_instance:
             continue
         occupation = first_match(synsets, offset, OCCUPATIONS)
-        opener = next((d for d in openers if s.gloss.startswith(d + " ")), None)
+        opener = gloss_nationality(s.gloss, openers)
         if occupation is None or opener is None:
             continue
         name = person_name(s.words)
@@ -405,11 +429,13 @@ def build_person() -> Built:
          "nationality": ["Fact: The nationality of {entity} was", "Q: What nationality was {entity}?\nA:"]})
     return Built(es, [f"WordNet 3.0 (WordNet 3.0 licence, BSD-style) via Debian wordnet-base: {WORDNET}/data.noun",
                       f"countryinfo {version('countryinfo')} (MIT): demonyms that open a person's gloss"],
-                 ["noun.person instances (@i) whose gloss opens with a nationality ('United States' -> "
-                  "American; English, Scottish, Welsh -> British)",
+                 ["noun.person instances (@i) whose gloss opens with a nationality, after at most "
+                  "three lowercase adjectives ('prolific Austrian composer'; 'United States' -> American; "
+                  "English, Scottish, Welsh -> British; Athenian -> Greek; Prussian -> German; Roman kept)",
                   "occupation: nearest hypernym among a fixed list (poet, writer, composer, physicist, ..."
                   "; statesman -> politician)",
-                  "name: the synset's shortest multi-word lemma ('Winston Churchill'), else its only one",
+                  "name: the shortest capitalised multi-word lemma ending in the surname ('Ludwig van "
+                  "Beethoven', 'William Shakespeare'), else the only name ('Plato')",
                   "names of two different people dropped",
                   f"occupations and nationalities with >= {MIN_PER_VALUE} people"])
 
