@@ -62,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     pipeline.stage_eval(cfg, model)
     pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
     pipeline.say(f"done: outputs are in {cfg.run_dir}/")
+    pipeline.say(f"browse the features: saekit view --run {cfg.run_dir}")
 
 
 def _sae_folders(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
@@ -108,6 +109,46 @@ def cmd_export(args: argparse.Namespace) -> None:
             print(f"[saekit] {len(files)} Neuronpedia batch files ({args.kind}s) -> {out}")
 
 
+def cmd_view(args: argparse.Namespace) -> None:
+    """Serve app_streamlit.py for a run (or a store / SAE directory) on localhost."""
+    import subprocess
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parent.parent / "app_streamlit.py"
+    if not app.is_file():
+        raise SaekitError(f"the viewer script {app} is missing; run saekit from a source checkout (pip install -e .)")
+    run = args.run
+    if not (run or args.store or args.sae):
+        run = str(_config(args).run_dir)
+    viewer_args = [a for flag, value in (("--run", run), ("--store", args.store), ("--sae", args.sae),
+                                         ("--model", args.model), ("--device", args.device)) if value
+                   for a in (flag, str(value))]
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true", "--server.port",
+           str(args.port), "--server.address", args.host, "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", *viewer_args]
+    print(f"[saekit] feature browser on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    code = subprocess.call(cmd)
+    if code not in (0, -2, 130):
+        raise SaekitError(f"streamlit exited with status {code}")
+
+
+def _add_view_parser(sub: argparse._SubParsersAction) -> None:
+    help_text = "browse a run's features in the Streamlit viewer (overview, lists, feature pages, live text)"
+    p = sub.add_parser("view", help=help_text, description=help_text,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  saekit view --run runs/small\n"
+                              "  saekit view --store runs/small/saes/<sae-id>/features.db --model smollm2-135m")
+    _add_config_args(p)
+    p.add_argument("--run", help="run directory (default: the run of --config)")
+    p.add_argument("--store", help="a features.db, or the SAE folder holding it")
+    p.add_argument("--sae", help="SAE directory, or an SAE id of --run (default: the run's SAE with a store)")
+    p.add_argument("--model", help="model for live text and steering (default: the run's model)")
+    p.add_argument("--device", default="cpu", help="device for live text (default: cpu)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.set_defaults(fn=cmd_view)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML run config (default: {DEFAULT_CONFIG})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -148,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.set_defaults(fn=fn)
+    _add_view_parser(sub)
     return parser
 
 

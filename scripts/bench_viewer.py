@@ -1,0 +1,188 @@
+"""How fast is the feature browser on a big store? Server-side page builds and a real browser's render time.
+
+    python scripts/bench_viewer.py                       # builds a 16,384-feature store once, then measures
+    python scripts/bench_viewer.py --store runs/x/saes/<id>/features.db --json out.json
+
+Without --store the script builds (once, then reuses) a store for a random TopK SAE with 16,384 features on the
+embedded SmolLM2's layer 6 (blocks.6.hook_mlp_out), analysed over a few sequences by the real analysis pass, and
+fills the labeler's tables with synthetic rows through the store API (marked `source: bench` in `probes`), so the
+overview's plots and the tag filters have data to show. Random weights are fine here: only sizes matter.
+
+Server-side figures are `AppTest` runs of `app_streamlit.py` (the same script `saekit view` serves): the page's
+whole script, every store query included, warm caches, median over several units. The browser figure is headless
+Chromium (Playwright) navigating to a feature page's URL until the page marks itself rendered. Targets: a feature
+page under 0.3 s server-side and under 1.5 s in the browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+APP = REPO / "app_streamlit.py"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def build_store(folder: Path, n_features: int, sequences: int) -> Path:
+    """A random TopK SAE with `n_features` latents on SmolLM2 layer 6, analysed over `sequences` sequences."""
+    import numpy as np
+    import torch
+
+    from features.analyze import run_analysis
+    from features.store import FeatureStore, Probe, Semantics, Tag
+    from sae import pipeline
+    from sae.architectures import SAEConfig, build_sae
+    from sae.config import load_config
+    from sae.export import save_sae
+
+    cfg = load_config(REPO / "configs" / "smollm2_mlp.yaml",
+                      [f"name={folder.name}", f"runs_dir={folder.parent}", "corpus.max_sequences=400",
+                       f"analyze.sequences={sequences}", "analyze.source=model", "model.device=cpu"])
+    model = pipeline.run_model(cfg)
+    splits = pipeline.prepare_tokens(cfg, model)
+    sae_dir = cfg.run_dir / "saes" / f"random-topk-{n_features}"
+    if not (sae_dir / "cfg.json").is_file():
+        sae = build_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=n_features, architecture="topk", k=32,
+                                  model_name=model.cfg.model_name, hook_name="blocks.6.hook_mlp_out"))
+        save_sae(sae, sae_dir, metadata={"context_size": cfg.corpus.context_size, "prepend_bos": False})
+    path, _ = run_analysis(cfg, model, sae_dir, splits)
+    with FeatureStore.open(path, writable=True) as store:
+        if not store.probes():
+            rng = np.random.default_rng(0)
+            values = [("country", "continent", v) for v in ("Europe", "Asia", "Africa", "Americas", "Oceania")]
+            values += [("element", "block", v) for v in "spdf"]
+            tags = [Tag("feature", int(i), *values[int(rng.integers(len(values)))], precision=float(rng.random()),
+                        recall=float(rng.random()), f1=float(rng.random()), auroc=float(0.5 + rng.random() / 2),
+                        support=20, entities=["France", "Japan", "Kenya"], causal_effect=float(rng.normal()),
+                        causal_status="ok")
+                    for i in rng.choice(n_features, 600, replace=False)]
+            store.write_tags(tags)
+            sem = [Semantics(kind, i, float(rng.beta(2, 2)), "monosemantic" if rng.random() < 0.4 else "polysemantic",
+                             [{"concept": "country.continent=Europe", "share": 0.6}])
+                   for kind in ("feature", "neuron") for i in range(store.n_units(kind))]
+            store.write_semantics(sem, replace=True)
+            store.write_probes([Probe(kind, et, at, "logistic", float(rng.random()), 0.2, 200, 50,
+                                      {"source": "bench"}) for kind in ("feature", "neuron")
+                                for et, at, _ in dict.fromkeys((v[0], v[1], "") for v in values)])
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_side(store: Path, ids: list[int], runs: int) -> dict[str, float]:
+    """Median seconds of AppTest runs per page (the first, cold run of each page is discarded)."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["SAEKIT_VIEW_STORE"] = str(store)
+    os.environ.pop("SAEKIT_VIEW_RUN", None)
+
+    def timed(params: dict[str, str]) -> float:
+        at = AppTest.from_file(str(APP), default_timeout=120)
+        at.query_params.update(params)
+        t0 = time.perf_counter()
+        at.run()
+        dt = time.perf_counter() - t0
+        if at.exception:
+            raise RuntimeError(f"{params}: {at.exception[0].message}")
+        return dt
+
+    pages = {"overview": [{"page": "overview"}] * runs,
+             "feature_page": [{"page": "feature", "id": str(i)} for i in ids[:runs]],
+             "filtered_list": [{"page": "list", "q": q, "cls": "polysemantic", "fmin": "1e-4", "sort": "max_act"}
+                               for q in ("the", "a", " of", "ing", "s")[:runs]]}
+    out = {}
+    for name, param_list in pages.items():
+        timed(param_list[0])  # cold: opens the store, fills the caches
+        out[name] = statistics.median(timed(p) for p in param_list)
+    return out
+
+
+def browser_side(store: Path, ids: list[int], runs: int, shots: Path | None) -> float:
+    """Median seconds from navigating to a feature page's URL until it marks itself rendered, in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    env = {**os.environ, "SAEKIT_VIEW_STORE": str(store)}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+                               "--server.port", str(port), "--server.address", "127.0.0.1",
+                               "--browser.gatherUsageStats", "false"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            for _ in range(600):  # the server takes a moment to start
+                try:
+                    page.goto(f"{base}/?page=feature&id={ids[0]}")
+                    break
+                except Exception:  # noqa: BLE001 - connection refused until it listens
+                    time.sleep(0.2)
+            page.wait_for_selector(f".sk-done[data-page='feature-{ids[0]}']", state="attached", timeout=120_000)
+            times = []
+            for i in ids[1:runs + 1]:
+                t0 = time.perf_counter()
+                page.goto(f"{base}/?page=feature&id={i}")
+                page.wait_for_selector(f".sk-done[data-page='feature-{i}']", state="attached", timeout=120_000)
+                times.append(time.perf_counter() - t0)
+            if shots is not None:
+                shots.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shots / "bench_feature_page.png"), full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, help="an existing store (features.db or its SAE folder) to measure")
+    ap.add_argument("--build-dir", type=Path, default=REPO / "test-output" / "viewer-bench" / "bench16k",
+                    help="run folder for the synthesised store (reused when it is already built)")
+    ap.add_argument("--features", type=int, default=16384)
+    ap.add_argument("--sequences", type=int, default=48, help="sequences the synthesised store is analysed over")
+    ap.add_argument("--runs", type=int, default=7, help="measured runs per page")
+    ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--json", type=Path, help="write {'seconds': {...}} here")
+    args = ap.parse_args()
+
+    from features.store import FeatureStore
+
+    store = args.store or build_store(args.build_dir, args.features, args.sequences)
+    with FeatureStore.open(store) as s:
+        n = s.n_units("feature")
+        store = s.path
+        live = [u.index for u in s.search("", "feature", limit=n, status="live")]
+    print(f"store {store}: {n:,} features")
+    ids = random.Random(0).sample(live, min(len(live), args.runs + 1))
+    seconds = server_side(store, ids, args.runs)
+    if not args.no_browser:
+        seconds["browser_feature_page"] = browser_side(store, ids, args.runs, REPO / "test-output" / "viewer")
+    for name, value in seconds.items():
+        target = {"feature_page": 0.3, "browser_feature_page": 1.5}.get(name)
+        print(f"{name:22s} {value * 1000:8.1f} ms" + (f"   (target {target * 1000:.0f} ms)" if target else ""))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"seconds": seconds, "n_features": n, "store": str(store)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
