@@ -787,3 +787,60 @@ def _causal(model: HookedTransformer, sae: SAE, a: _Attr, u: int, v: int, kind: 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# From a run: read the store, label, write tags / probes / semantics and the report
+
+
+def run_label(cfg: Any, model: HookedTransformer, sae_dir: Path, log: Callable[[str], None] = print,
+              plots: bool = True) -> tuple[LabelResult, dict[str, Any] | None, Path]:
+    """Label the SAE in `sae_dir` with the run config's `label` section: tags, probes and semantics go into the
+    SAE's feature store (which the analysis pass must have built), the report into runs/<name>/reports/<sae-id>/.
+    Returns the result, the semantics summary and the report's path."""
+    from features.analyze import sae_fingerprint
+    from features.report import write_report
+    from features.semantics import score_store, to_store_rows
+    from features.store import FeatureStore, store_path
+    from sae.export import load_sae
+
+    sae_dir = Path(sae_dir)
+    path = store_path(sae_dir)
+    if not path.is_file():
+        raise SaekitError(f"no feature store for SAE '{sae_dir.name}' ({path} is missing): the labeler writes into "
+                          "the analysis pass's store; run `saekit analyze --config <your config>` first")
+    sae = load_sae(sae_dir)
+    lab: LabelConfig = cfg.label
+    entity_sets = load_entities(lab)
+    with FeatureStore.open(path, writable=True) as store:
+        if store.meta.get("sae_sha256") not in (None, sae_fingerprint(sae_dir)):
+            raise SaekitError(f"{path} was built for other weights than the SAE now in {sae_dir} (retrained?); "
+                              "rebuild it with `saekit analyze --config <your config> --overwrite`")
+        n_feat, n_neur = store.n_units("feature"), store.n_units("neuron")
+        if n_feat != sae.cfg.d_sae:
+            raise SaekitError(f"{path} holds {n_feat} features but the SAE has {sae.cfg.d_sae}; rebuild it with "
+                              "`saekit analyze --config <your config> --overwrite`")
+        freq = torch.zeros(n_feat)
+        for u in store.search("", "feature", limit=n_feat, include_dead=True):
+            freq[u.index] = u.freq
+        result = label(model, sae, entity_sets, lab, feature_freq=freq, neurons=n_neur > 0, log=log)
+        if n_neur == 0:
+            result.settings["note"] = "the store has no neurons (analyze.neurons: false); neurons not labeled"
+        store.write_tags(result.tags)
+        store.write_probes(result.probes)
+        summary = None
+        if lab.semantics:
+            t0 = time.perf_counter()
+            tok = model.tokenizer
+
+            def encode(text: str) -> list[int]:
+                return _encode(tok, text)
+
+            rows, summary = score_store(store, entity_sets, encode if tok is not None else None, log=log)
+            store.write_semantics(to_store_rows(rows), replace=True)
+            result.timings["semantics"] = time.perf_counter() - t0
+            result.timings["total"] += result.timings["semantics"]
+        meta = {"sae_id": sae_dir.name, "model_name": model.cfg.model_name, "store": str(path),
+                "entity_types": [es.entity_type for es in entity_sets], "eval": store.meta.get("eval")}
+    report = write_report(Path(cfg.run_dir) / "reports" / sae_dir.name, result, summary, meta, plots=plots)
+    return result, summary, report

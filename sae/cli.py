@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     pipeline.stage_train(cfg, resume=resume, overwrite=args.overwrite)
     pipeline.stage_eval(cfg, model)
     pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
+    pipeline.stage_label(cfg, model)
     pipeline.say(f"done: outputs are in {cfg.run_dir}/")
     pipeline.say(f"browse the features: saekit view --run {cfg.run_dir}")
 
@@ -86,6 +87,14 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     folders = _sae_folders(cfg, args)
     pipeline.stage_analyze(cfg, pipeline.run_model(cfg), overwrite=args.overwrite, sae_folders=folders)
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from sae import pipeline
+
+    folders = _sae_folders(cfg, args) if args.sae else None
+    pipeline.stage_label(cfg, pipeline.run_model(cfg), sae_folders=folders)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -168,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run every stage of the pipeline for a config, resuming what is already done", cmd_run),
         ("analyze", "analyse SAE features and their layer's MLP neurons into a feature store (features.db)",
          cmd_analyze),
+        ("label", "label features and neurons with entity attributes: tags, probes, causal checks, "
+                  "monosemanticity, report", cmd_label),
         ("export", "export a feature store: Parquet tables, Neuronpedia JSON batches, or a portable bundle",
          cmd_export),
     ]
@@ -177,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild outputs that were built from other inputs instead of refusing")
-        if name in ("analyze", "export"):
+        if name in ("analyze", "export", "label"):
             p.add_argument("--sae", help="one SAE: its id under runs/<name>/saes/ or any SAE directory "
                                          "(default: every SAE in the config)")
         if name == "export":

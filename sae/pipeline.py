@@ -138,6 +138,32 @@ def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fa
     return paths
 
 
+def stage_label(cfg: RunConfig, model: HookedTransformer, sae_folders: list[Path] | None = None) -> list[Path]:
+    """Label each SAE's features and neurons with entity attributes (tags, probes, causal checks, semantics) into
+    its feature store; reports go to runs/<name>/reports/<sae-id>/label.md. Needs `stage_analyze` first."""
+    from features.label import run_label
+    from features.report import headline
+
+    if sae_folders is None:
+        sae_folders = [cfg.run_dir / "saes" / cfg.label.sae] if cfg.label.sae else sae_dirs(cfg)
+    reports = []
+    for folder in sae_folders:
+        say(f"labeling {folder.name} with entity attributes ({cfg.label.entities} entity sets)")
+        t0 = time.perf_counter()
+        result, semantics, report = run_label(cfg, model, folder, log=lambda m: say(m))
+        h = headline(result, semantics)
+        parts = []
+        for kind in ("feature", "neuron"):
+            if kind in h:
+                d = h[kind]
+                mono = f", {d['mono_share']:.1%} monosemantic" if d.get("mono_share") is not None else ""
+                parts.append(f"{kind}s: {d['tags']} tags on {d['attributes_tagged']}/{d['attributes']} attributes, "
+                             f"{d['causal']}/{d['tested']} causal{mono}")
+        say(f"labeled in {time.perf_counter() - t0:.0f}s: " + "; ".join(parts) + f" -> {report}")
+        reports.append(report)
+    return reports
+
+
 def start_run(cfg: RunConfig) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")

@@ -1,0 +1,336 @@
+"""The labeler's report: `label.md` (headline table, knowledge filter, probes, tags, causal checks, skipped
+attributes, monosemanticity), `label.json` (the same numbers, machine-readable) and PNG plots, all written
+atomically into one folder (`runs/<name>/reports/<sae-id>/`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from features.label import LabelResult
+from sae.io import atomic_write_bytes, atomic_write_text
+
+PLOTS = {"semantics": "label-semantics.png", "probes": "label-probes.png", "causal": "label-causal.png",
+         "knowledge": "label-knowledge.png"}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def probe_table(result: LabelResult) -> dict[str, dict[str, Any]]:
+    """attribute name -> {method key -> accuracy, baseline, n_train, n_test}; keys 'full', 'feature 1-sparse'..."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in result.probes:
+        row = out.setdefault(f"{p.entity_type}.{p.attribute}", {"baseline": p.baseline, "n_train": p.n_train,
+                                                                "n_test": p.n_test})
+        key = "full" if p.method == "full" else f"{p.kind} {'1' if p.method == '1-sparse' else 'k'}"
+        row[key] = p.accuracy
+    return out
+
+
+def headline(result: LabelResult, semantics: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The numbers of the headline table, per kind."""
+    probes = probe_table(result)
+    scored = [a for a in result.attributes if not a.skipped]
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("feature", "neuron"):
+        if kind == "neuron" and not result.settings.get("neuron_hook"):
+            continue
+        tags = [t for t in result.tags if t.kind == kind]
+        tested = [c for c in result.causal if c.kind == kind and c.status != "not tested"]
+        sem = (semantics or {}).get(kind) or {}
+        out[kind] = {
+            "mono_share": sem.get("mono_share"), "mono_share_top": sem.get("mono_share_top"),
+            "mean_score": sem.get("mean_score"),
+            "attributes_tagged": sum(1 for a in scored if a.n_tags.get(kind, 0) > 0), "attributes": len(scored),
+            "tags": len(tags), "causal": sum(c.status == "causal" for c in tested), "tested": len(tested),
+            "probe_1": _mean([r.get(f"{kind} 1") for r in probes.values()]),
+            "probe_k": _mean([r.get(f"{kind} k") for r in probes.values()]),
+        }
+    out["full"] = {"probe": _mean([r.get("full") for r in probes.values()]),
+                   "baseline": _mean([r.get("baseline") for r in probes.values()])}
+    return out
+
+
+def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta: dict[str, Any],
+                    plots: dict[str, str]) -> str:
+    s = result.settings
+    cfg = s["label_config"]
+    kinds = ["feature", "neuron"] if s.get("neuron_hook") else ["feature"]
+    h = headline(result, semantics)
+    lines = [f"# Entity-attribute labels: {meta.get('sae_id', 'SAE')}", ""]
+    lines.append(f"Model `{meta.get('model_name', '?')}`, SAE `{meta.get('sae_id', '?')}` on `{s['sae_hook']}` "
+                 f"({s['n_features']:,} features)" + (f"; neurons: `{s['neuron_hook']}` ({s['n_neurons']:,})"
+                                                      if s.get("neuron_hook") else "") + ".")
+    where = "last token" if cfg["pooling"] == "last" else "tokens, max-pooled"
+    lines.append(f"Entity activations at the entity's {where} of its context prompt; tags need F1 ≥ {cfg['min_f1']}, "
+                 f"AUROC ≥ {cfg['min_auroc']} over ≥ "
+                 f"{cfg['min_positives']} known entities (features: \"fires\"; neurons: their best-F1 threshold). "
+                 f"Labeling took {result.timings.get('total', 0):.0f}s, {result.timings.get('forward', 0):.0f}s of "
+                 "it in model forward passes.")
+    lines += ["", "## Headline", ""]
+    rows = []
+
+    def row(name: str, fmt: Any) -> None:
+        rows.append([name] + [fmt(h[k]) for k in kinds])
+
+    if semantics:
+        row("monosemantic share (whole activation range)", lambda d: _pct(d["mono_share"]))
+        row("monosemantic share (top examples only)", lambda d: _pct(d["mono_share_top"]))
+        row("mean monosemanticity score", lambda d: _num(d["mean_score"]))
+    row("attributes with ≥ 1 tag", lambda d: f"{d['attributes_tagged']} / {d['attributes']}")
+    row("tags", lambda d: str(d["tags"]))
+    row("tags causal / checked", lambda d: f"{d['causal']} / {d['tested']}")
+    row("mean 1-sparse probe accuracy", lambda d: _pct(d["probe_1"]))
+    row(f"mean {cfg['probe_k']}-sparse probe accuracy", lambda d: _pct(d["probe_k"]))
+    lines.append(_table(["", *[f"{k}s" for k in kinds]], rows))
+    lines += ["", f"Full linear probe on `{s['sae_hook']}` (all dimensions): mean accuracy "
+                  f"{_pct(h['full']['probe'])}; majority-class baseline {_pct(h['full']['baseline'])}.", ""]
+    if "semantics" in plots:
+        lines += [f"![monosemanticity]({plots['semantics']})", ""]
+
+    # -- knowledge filter
+    lines += ["## Knowledge filter", "",
+              f"An entity is kept for an attribute when the first token of its correct value has the highest "
+              f"next-token log-probability among the attribute's values (mean over {cfg['templates']} "
+              "template(s)).", ""]
+    krows = []
+    for a in result.attributes:
+        if a.n_known is None:
+            continue
+        krows.append([a.name, a.n_entities, a.n_known, _pct(a.kept_fraction), len(a.values),
+                      ", ".join(f"{v} ({n})" for v, n in a.dropped_values[:6]) + (" …" if len(a.dropped_values) > 6
+                                                                                   else ""),
+                      "; ".join("/".join(c) for c in a.collisions[:4])])
+    lines.append(_table(["attribute", "entities", "known", "kept", "values used", "values dropped (known)",
+                         "first-token collisions"], krows))
+    if "knowledge" in plots:
+        lines += ["", f"![kept fraction]({plots['knowledge']})"]
+
+    # -- probes
+    probes = probe_table(result)
+    lines += ["", "## Probes (held-out accuracy)", "",
+              f"Deterministic stratified split ({_pct(cfg['test_fraction'])} of each value held out). `full`: "
+              f"logistic regression on all of `{s['sae_hook']}`; 1-sparse: the best single unit; "
+              f"{cfg['probe_k']}-sparse: {cfg['probe_k']} units chosen by class separation on the training split.",
+              ""]
+    header = ["attribute", "train/test", "baseline", "full"]
+    for k in kinds:
+        header += [f"{k} 1-sparse", f"{k} {cfg['probe_k']}-sparse"]
+    prow = []
+    for name, r in probes.items():
+        cells = [name, f"{r['n_train']}/{r['n_test']}", _pct(r["baseline"]), _pct(r.get("full"))]
+        for k in kinds:
+            cells += [_pct(r.get(f"{k} 1")), _pct(r.get(f"{k} k"))]
+        prow.append(cells)
+    lines.append(_table(header, prow))
+    if "probes" in plots:
+        lines += ["", f"![probes]({plots['probes']})"]
+
+    # -- tags
+    lines += ["", "## Tags per attribute", ""]
+    trows = []
+    for a in result.attributes:
+        if a.skipped:
+            continue
+        best = []
+        for k in kinds:
+            b = sorted(a.best.get(k, []), key=lambda d: -d["f1"])[:3]
+            best.append("; ".join(f"{d['value']}: #{d['unit']} F1 {d['f1']:.2f} AUROC {d['auroc']:.2f}" for d in b))
+        trows.append([a.name, len(a.values)] + [a.n_tags.get(k, 0) for k in kinds] + best)
+    lines.append(_table(["attribute", "values"] + [f"{k} tags" for k in kinds]
+                        + [f"best {k}s (any F1)" for k in kinds], trows))
+
+    # -- causal
+    lines += ["", "## Causal checks", "",
+              f"Each checked tag's unit is removed at the entity's tokens of up to {cfg['causal_prompts']} attribute "
+              f"prompts; drop = mean fall of the correct answer's log-probability (nats); controls: "
+              f"{cfg['causal_controls']} random co-active units of similar frequency. \"causal\" needs a drop ≥ "
+              f"{cfg['causal_min_effect']} and z ≥ {cfg['causal_min_z']}. Steering adds activation × (decoder row "
+              "of another value's best tagged feature − this decoder row).", ""]
+    tag_by = {(t.kind, t.index, t.entity_type, t.attribute, t.value): t for t in result.tags}
+    crows = []
+    for c in result.causal:
+        t = tag_by.get((c.kind, c.index, c.entity_type, c.attribute, c.value))
+        ctrl = c.control_drops
+        mean_c = _mean(ctrl)
+        std_c = (sum((x - mean_c) ** 2 for x in ctrl) / max(len(ctrl) - 1, 1)) ** 0.5 if ctrl and mean_c is not None \
+            else None
+        steer = (f"→ {c.steer_value}: {c.steer_shift:+.2f} nats, flips {_pct(c.steer_flip)}"
+                 if c.steer_value else "–")
+        crows.append([c.kind, c.index, f"{c.entity_type}.{c.attribute} = {c.value}", _num(t.f1 if t else None, ".2f"),
+                      _num(t.auroc if t else None, ".2f"), c.n_prompts, _num(c.drop),
+                      f"{_num(mean_c)} ± {_num(std_c)}" if ctrl else "–", _num(c.z, ".1f"),
+                      c.status if c.status != "not tested" else f"not tested ({c.reason})", steer])
+    lines.append(_table(["kind", "unit", "tag", "F1", "AUROC", "prompts", "drop", "controls", "z", "status",
+                         "steering"], crows) if crows else "No tag was checked (no tags, or label.causal_tags: 0).")
+    if "causal" in plots:
+        lines += ["", f"![causal]({plots['causal']})"]
+
+    # -- skipped
+    skipped = [a for a in result.attributes if a.skipped]
+    lines += ["", "## Attributes skipped", ""]
+    lines.append(_table(["attribute", "why"], [[a.name, a.skipped] for a in skipped]) if skipped else "None.")
+
+    # -- semantics
+    if semantics:
+        th = semantics["thresholds"]
+        lines += ["", "## Monosemanticity", "",
+                  "Concepts: token identity, rule-based lexical classes, entity-attribute values"
+                  + (f", WordNet lexnames ({semantics['wordnet']})" if semantics.get("wordnet") else
+                     " (WordNet not installed: no lexname concepts)")
+                  + f"; base rates over the store's {semantics.get('n_tokens', 0):,} analysed tokens. Score: the "
+                  "largest lower-bound P(concept | unit fires) over concepts at least "
+                  f"{th['min_enrichment']:g}× enriched, from interval examples across the whole activation range; "
+                  f"monosemantic at ≥ {th['mono_threshold']}; dead / too rare below {th['min_fires']} firings or "
+                  f"{th['min_examples']} examples (see features/semantics.py).", ""]
+        srows = []
+        for k in kinds:
+            d = semantics.get(k)
+            if not d:
+                continue
+            cl = d["classes"]
+            srows.append([k, d["n"], cl.get("monosemantic", 0), cl.get("polysemantic", 0), cl.get("dead", 0),
+                          _pct(d["mono_share"]), _pct(d["mono_share_top"]), _num(d["mean_score"]),
+                          ", ".join(f"{f} {n}" for f, n in sorted(d["mono_concept_kinds"].items(),
+                                                                  key=lambda p: -p[1]))])
+        lines.append(_table(["kind", "units", "monosemantic", "polysemantic", "dead/rare", "mono share",
+                             "mono share (top only)", "mean score", "monosemantic by concept family"], srows))
+    lines += ["", "## Timings", "", _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in
+                                                                   sorted(result.timings.items())]), ""]
+    return "\n".join(lines)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_plots(result: LabelResult, semantics: dict[str, Any] | None) -> dict[str, bytes]:
+    """PNG bytes per plot name (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, bytes] = {}
+    kinds = ["feature", "neuron"] if result.settings.get("neuron_hook") else ["feature"]
+    colors = {"feature": "tab:blue", "neuron": "tab:orange", "full": "tab:gray"}
+    if semantics and any(semantics.get(k) for k in kinds):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for k in kinds:
+            d = semantics.get(k)
+            if d and d["scores"]:
+                ax1.hist([x for x in d["scores"] if x is not None], bins=20, range=(0, 1), alpha=0.6, density=True,
+                         label=f"{k}s", color=colors[k])
+        ax1.axvline(semantics["thresholds"]["mono_threshold"], color="k", ls="--", lw=1)
+        ax1.set_xlabel("monosemanticity score")
+        ax1.set_ylabel("density")
+        ax1.legend()
+        labels = ["whole range", "top only"]
+        width = 0.35
+        for i, k in enumerate(kinds):
+            d = semantics.get(k) or {}
+            vals = [d.get("mono_share") or 0, d.get("mono_share_top") or 0]
+            ax2.bar([j + i * width for j in range(2)], [100 * v for v in vals], width, label=f"{k}s", color=colors[k])
+        ax2.set_xticks([j + width / 2 for j in range(2)], labels)
+        ax2.set_ylabel("monosemantic units (%)")
+        ax2.legend()
+        out["semantics"] = _png(fig)
+    probes = probe_table(result)
+    if probes:
+        names = list(probes)
+        series = [("full", "full")] + [(f"{k} 1", f"{k} 1-sparse") for k in kinds] + [(f"{k} k", f"{k} k-sparse")
+                                                                                        for k in kinds]
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 3.8))
+        width = 0.8 / len(series)
+        for i, (key, label) in enumerate(series):
+            vals = [100 * (probes[n].get(key) or 0) for n in names]
+            kind = key.split()[0]
+            ax.bar([j + i * width for j in range(len(names))], vals, width, label=label, color=colors[kind],
+                   alpha=1.0 if key.endswith("1") or key == "full" else 0.5)
+        ax.scatter([j + 0.4 - width / 2 for j in range(len(names))], [100 * probes[n]["baseline"] for n in names],
+                   marker="_", s=400, color="k", label="majority baseline", zorder=3)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7, ncol=3)
+        out["probes"] = _png(fig)
+    tested = [c for c in result.causal if c.drop is not None]
+    if tested:
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(tested) + 2), 3.8))
+        for i, c in enumerate(tested):
+            ax.scatter([i] * len(c.control_drops), c.control_drops, color="0.6", s=10,
+                       label="random controls" if i == 0 else None)
+            ax.scatter([i], [c.drop], color=colors[c.kind], s=40, marker="D" if c.status == "causal" else "o",
+                       label=None)
+        for k in kinds:
+            ax.scatter([], [], color=colors[k], label=f"tagged {k}")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(tested)), [f"{c.kind[0]}{c.index} {c.attribute}={c.value}"[:28] for c in tested],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("drop in log p(correct) (nats)")
+        ax.legend(fontsize=7)
+        out["causal"] = _png(fig)
+    known = [a for a in result.attributes if a.kept_fraction is not None]
+    if known:
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(known) + 2), 3.2))
+        ax.bar(range(len(known)), [100 * a.kept_fraction for a in known], color="tab:green")
+        ax.set_xticks(range(len(known)), [a.name for a in known], rotation=30, ha="right")
+        ax.set_ylabel("entities the model knows (%)")
+        ax.set_ylim(0, 100)
+        out["knowledge"] = _png(fig)
+    return out
+
+
+def result_json(result: LabelResult, semantics: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
+    sem = None
+    if semantics:
+        sem = {k: ({kk: vv for kk, vv in v.items() if kk != "scores"} if isinstance(v, dict) else v)
+               for k, v in semantics.items()}
+    return {"meta": meta, "settings": result.settings, "timings": result.timings,
+            "headline": headline(result, semantics), "attributes": [asdict(a) for a in result.attributes],
+            "probes": [asdict(p) for p in result.probes], "causal": [asdict(c) for c in result.causal],
+            "n_tags": {k: sum(t.kind == k for t in result.tags) for k in ("feature", "neuron")},
+            "semantics": sem}
+
+
+def write_report(folder: Path, result: LabelResult, semantics: dict[str, Any] | None,
+                 meta: dict[str, Any], plots: bool = True) -> Path:
+    """Write label.md, label.json and the plots into `folder`; returns the Markdown file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    if plots:
+        for name, data in render_plots(result, semantics).items():
+            atomic_write_bytes(folder / PLOTS[name], data)
+            written[name] = PLOTS[name]
+    atomic_write_text(folder / "label.json", json.dumps(result_json(result, semantics, meta), indent=1,
+                                                        default=str) + "\n")
+    md = folder / "label.md"
+    atomic_write_text(md, render_markdown(result, semantics, meta, written))
+    return md
