@@ -51,6 +51,7 @@ SORTS = {"idx": "index", "max_act": "max activation", "freq": "firing frequency"
          "n_fires": "firings", "semantic_score": "monosemanticity", "f1": "best tag F1"}
 FREQ_STEPS = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 PAGE_SIZE = 50
+LIST_PARAMS = ("kind", "q", "cls", "sort", "desc", "etype", "attr", "value", "fmin", "fmax", "p")
 LABEL_HINT = "run `saekit label --config {config}` to fill it"
 
 
@@ -429,9 +430,15 @@ def page_list(store: FeatureStore, src: Sources, notice: str | None = None) -> N
         st.warning(notice)
     st.title("Feature list")
     saved: dict[str, str] = st.session_state.setdefault("_list", {})
+    url = {k: st.query_params[k] for k in LIST_PARAMS if k in st.query_params}
+    if url and url != st.session_state.get("_list_url"):  # a link or bookmark: the URL wins over the widgets
+        saved.clear()
+        saved.update(url)
+        for key in [k for k in st.session_state if str(k).startswith("ls_")]:
+            del st.session_state[key]
 
     def init(name: str, default: str) -> str:
-        return saved.get(name) or qp(name) or default
+        return saved.get(name) or default
 
     kinds = [k for k in ("feature", "neuron") if store.n_units(k)]
     c = st.columns([1.1, 3, 1.4, 1.6, 1.2])
@@ -489,9 +496,10 @@ def page_list(store: FeatureStore, src: Sources, notice: str | None = None) -> N
     page = c[1].number_input("Page", min_value=1, max_value=pages, value=page, step=1, key=f"ls_page_{pages}",
                              label_visibility="collapsed", disabled=pages == 1)
     saved["p"] = str(page)
-    st.query_params.from_dict({**({"sae": qp("sae")} if qp("sae") else {}), "page": "list",
-                               **{k: v for k, v in {**state, "p": str(page)}.items()
-                                  if v not in ("", "any", "0.0") and not (k == "fmax" and v == "1.0")}})
+    url = {k: v for k, v in {**state, "p": str(page)}.items()
+           if v not in ("", "any", "0.0") and not (k == "fmax" and v == "1.0")}
+    st.session_state["_list_url"] = url
+    st.query_params.from_dict({**({"sae": qp("sae")} if qp("sae") else {}), "page": "list", **url})
     rows = store.search(query, kind, PAGE_SIZE, (page - 1) * PAGE_SIZE, order_by=sort, descending=desc, **filters)
     if not rows:
         st.info("Nothing matches. Loosen a filter, or search for a token, a tag value or an index.")
@@ -872,16 +880,7 @@ def page_export(store: FeatureStore, src: Sources, path: str, stamp: tuple[int, 
     sae_id = store.meta.get("sae_id") or store.path.parent.name
 
     def zipped(build: Callable[[Path], Path]) -> Callable[[], bytes]:
-        def data() -> bytes:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = build(Path(tmp) / "out")
-                buf = io.BytesIO()
-                with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                    for f in sorted(folder.rglob("*")):
-                        if f.is_file():
-                            z.write(f, f"{sae_id}/{f.relative_to(folder)}")
-                return buf.getvalue()
-        return data
+        return lambda: zip_folder(build, sae_id)
 
     st.subheader("SAE-Lens bundle")
     st.markdown("The SAE directory (cfg.json, weights, sparsity, eval) with `features.db` and a README.json: "
@@ -897,7 +896,7 @@ def page_export(store: FeatureStore, src: Sources, path: str, stamp: tuple[int, 
         df = unit_frame(path, stamp, kind)
         c[2 * i].download_button(f"{kind}s (CSV)", lambda df=df: df.to_csv(index=False).encode(),
                                  file_name=f"{sae_id}-{kind}s.csv", mime="text/csv", key=f"ex_csv_{kind}")
-        c[2 * i + 1].download_button(f"{kind}s (Parquet)", lambda df=df: _parquet(df),
+        c[2 * i + 1].download_button(f"{kind}s (Parquet)", lambda df=df: parquet_bytes(df),
                                      file_name=f"{sae_id}-{kind}s.parquet", mime="application/octet-stream",
                                      key=f"ex_pq_{kind}")
     st.caption("One row per unit: index, status, firings, frequency, mean and max activation, top tokens, "
@@ -912,7 +911,19 @@ def page_export(store: FeatureStore, src: Sources, path: str, stamp: tuple[int, 
     done("export")
 
 
-def _parquet(df: pd.DataFrame) -> bytes:
+def zip_folder(build: Callable[[Path], Path], prefix: str) -> bytes:
+    """Zip what `build(folder)` writes (an export), under `prefix/`; built in a temporary folder on click."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build(Path(tmp) / "out")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    z.write(f, f"{prefix}/{f.relative_to(folder)}")
+        return buf.getvalue()
+
+
+def parquet_bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
