@@ -651,15 +651,21 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
     f_dirs = feature_directions(model, sae)
     layer = hook_layer(sae.cfg.hook_name)
     W_out = model.blocks[layer].mlp.W_out.detach().float().cpu()
+    with_logits = {k: d for k, d in (("feature", f_dirs), ("neuron", W_out if cfg.neurons else None))
+                   if d is not None}
+    if with_logits:  # one pass over W_U for both kinds
+        effects = logit_effects(model, torch.cat(list(with_logits.values())), cfg.n_logits)
+        lo = 0
+        for kind, d in with_logits.items():
+            results[kind].logits = {name: t[lo:lo + len(d)] for name, t in effects.items()}
+            lo += len(d)
     if f_dirs is not None:
-        results["feature"].logits = logit_effects(model, f_dirs, cfg.n_logits)
         results["feature"].neighbours = cosine_top(f_dirs, f_dirs, cfg.n_related, exclude_self=True)
         if cfg.neurons:
             results["feature"].aligned = cosine_top(f_dirs, W_out, 3, exclude_self=False, by_abs=True)
     else:
         results["feature"].neighbours = cosine_top(sae.W_dec.detach(), sae.W_dec.detach(), cfg.n_related, True)
     if cfg.neurons:
-        results["neuron"].logits = logit_effects(model, W_out, cfg.n_logits)
         results["neuron"].neighbours = cosine_top(W_out, W_out, cfg.n_related, exclude_self=True)
     _, ln_note = ln_final_weight(model)
     settings = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -683,10 +684,18 @@ def _status(n_fires: int, freq: float, dense_threshold: float) -> str:
 
 
 def _decimals(scale: float) -> int:
-    """Decimals that keep 4 significant digits of values up to `scale`."""
+    """Decimals that keep 3 significant digits of values up to `scale` (a context's shading needs no more)."""
     if not scale > 0 or not math.isfinite(scale):
-        return 4
-    return int(min(max(3 - math.floor(math.log10(scale)), 0), 8))
+        return 3
+    return int(min(max(2 - math.floor(math.log10(scale)), 0), 8))
+
+
+_ZERO = re.compile(r"(?<=[\[,])-?0\.0(?=[,\]])")
+
+
+def _compact(obj: Any) -> str:
+    """JSON without spaces and with 0.0 written as 0: most of a feature's context activations are zero."""
+    return _ZERO.sub("0", json.dumps(obj, separators=(",", ":")))
 
 
 def _examples(seq: np.ndarray, pos: np.ndarray, value: np.ndarray, window: np.ndarray, before: int,
@@ -723,7 +732,7 @@ def _unit_rows(res: KindResult, analysis: Analysis, vocab: list[str],
         if pair is None:
             return None
         ids, vals = pair[0][i].tolist(), np.round(pair[1][i].double().numpy(), 4).tolist()
-        return json.dumps([[a, b] for a, b in zip(ids, vals, strict=True) if math.isfinite(b) and b != 0])
+        return _compact([[a, b] for a, b in zip(ids, vals, strict=True) if math.isfinite(b) and b != 0])
 
     def tok(i: int) -> str:
         return vocab[i] if 0 <= i < len(vocab) else f"<{i}>"
@@ -749,13 +758,13 @@ def _unit_rows(res: KindResult, analysis: Analysis, vocab: list[str],
                                                                               logits["pos_values"][i], strict=True)]
             neg = [[int(t), tok(int(t)), round(float(v), 4)] for t, v in zip(logits["neg_ids"][i],
                                                                               logits["neg_values"][i], strict=True)]
-            logit_json = json.dumps({"pos": pos, "neg": neg, "hist": [round(float(logits["hist_lo"][i]), 4),
+            logit_json = _compact({"pos": pos, "neg": neg, "hist": [round(float(logits["hist_lo"][i]), 4),
                                                                       round(float(logits["hist_hi"][i]), 4),
                                                                       logits["hist"][i].tolist()]})
             pos_tokens = [p[1] for p in pos]
         yield ((res.kind, i, _status(n, freq, s["dense_threshold"]), n, freq, float(mean[i]), float(max_act[i]),
                 " | ".join(top_tokens), " | ".join(pos_tokens)),
-               (res.kind, i, json.dumps(hist_json), json.dumps(top_ex), json.dumps(intervals), logit_json,
+               (res.kind, i, _compact(hist_json), _compact(top_ex), _compact(intervals), logit_json,
                 related(res.neighbours, i), related(res.cofiring, i), related(res.correlated, i),
                 related(res.aligned, i)))
 
@@ -804,7 +813,7 @@ def write_store(path: str | Path, analysis: Analysis, *, vocab: list[str], meta:
                 con.executemany("INSERT INTO meta VALUES (?, ?)", ((k, json.dumps(v)) for k, v in full_meta.items()))
                 con.executemany("INSERT INTO vocab VALUES (?, ?)", enumerate(vocab))
                 con.executemany("INSERT INTO sequences VALUES (?, ?, ?, ?)",
-                                ((i, split, idx, json.dumps(tokens[i].tolist()))
+                                ((i, split, idx, _compact(tokens[i].tolist()))
                                  for i, (split, idx) in enumerate(analysis.sources)))
                 for res in kinds.values():
                     rows = list(_unit_rows(res, analysis, vocab, tokens))

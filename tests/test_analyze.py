@@ -341,3 +341,31 @@ def test_select_tokens_takes_held_out_first(tmp_path, tiny_model):
     with pytest.raises(SaekitError, match="split 'held_out' is empty"):
         select_tokens({"train": splits["train"], "held_out": splits["held_out"][:0]}, AnalyzeConfig(split="held_out"))
     assert np.array_equal(select_tokens(splits, AnalyzeConfig(sequences=None, split="train"))[0], splits["train"])
+
+
+@pytest.mark.real
+def test_real_model_feature_and_neuron_pages(real_model, tmp_path):
+    """SmolLM2 layer 6: a random TopK SAE on hook_mlp_out and the layer's 1536 neurons over 24 real sequences."""
+    from features.analyze import vocab_strings
+    from features.store import write_store
+    from sae import corpus
+
+    toks = corpus.tokenize_sequences(corpus.iter_documents("embedded"), real_model.tokenizer, 64, max_sequences=24)
+    sae = build_sae(SAEConfig(d_in=576, d_sae=1152, k=32, hook_name="blocks.6.hook_mlp_out",
+                              model_name="smollm2-135m"))
+    analysis = analyze(real_model, sae, toks, AnalyzeConfig(batch_size=12), progress=False)
+    path = write_store(tmp_path / "features.db", analysis, vocab=vocab_strings(real_model),
+                       meta={"sae_id": "random", "model_name": "smollm2-135m"})
+    with FeatureStore.open(path) as store:
+        units = store.summary()["units"]
+        assert units["feature"]["total"] == 1152 and units["neuron"]["total"] == 1536
+        assert units["feature"]["live"] + units["feature"]["dense"] > 1000
+        assert "ln_final.w applied" in store.meta["analysis"]["logit_effect"]
+        for page in (store.feature(store.top("max_act", limit=1)[0].index), store.neuron(100)):
+            example = page.top_examples[0]
+            text = real_model.tokenizer.decode(example.token_ids)
+            assert "".join(example.tokens) == text and len(example.tokens) == len(example.acts)
+            assert example.acts[example.focus] == pytest.approx(page.max_act, rel=1e-2)
+            assert len(page.pos_logits) == 10 and all(isinstance(s, str) for s, _ in page.neg_logits)
+            assert page.pos_logits[0][1] >= page.pos_logits[-1][1] > page.neg_logits[-1][1] >= page.neg_logits[0][1]
+            assert page.intervals and page.cofiring and page.correlated

@@ -1,0 +1,167 @@
+"""Benchmark the feature analysis pass on the same tokens, in one process:
+
+- bare: the model's forward pass to the SAE's layer, nothing else (the limit);
+- saekit: `features.analyze.analyze`'s streaming pass (forward, encode, every statistic, top-k tables,
+  interval samples with context windows, correlations) for every feature and every neuron of the layer;
+  its once-per-unit finishing work (logit effects, neighbours, co-firing) is timed separately;
+- naive: what a user would write: dense activations per batch, `torch.topk` over tokens per unit, then
+  Python-side merging of each unit's best examples and running sums.
+
+Then the store is written and its size and query latencies (feature page, filtered lists, text search) measured.
+
+    .venv/bin/python scripts/bench_analyze.py --sequences 128 --d-sae 16384 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from features.analyze import analyze, vocab_strings
+from features.store import FeatureStore, write_store
+from sae import corpus
+from sae.architectures import SAEConfig, build_sae
+from sae.config import AnalyzeConfig
+from sae.io import atomic_write_json
+from sae.models import hook_layer, load_model
+
+
+def bare_forward(model: Any, tokens: torch.Tensor, stop: int, batch_size: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(tokens), batch_size):
+            model(tokens[lo:lo + batch_size], stop_at_layer=stop)
+    return time.perf_counter() - start
+
+
+def naive(model: Any, sae: Any, tokens: torch.Tensor, hooks: tuple[str, str], stop: int, batch_size: int,
+          k: int = 20) -> float:
+    """Dense activations per batch, topk over tokens per unit, Python lists per unit for the best examples."""
+    start = time.perf_counter()
+    ctx = tokens.shape[1]
+    best: dict[str, list[list[tuple[float, int, int]]]] = {}
+    sums: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for lo in range(0, len(tokens), batch_size):
+            _, cache = model.run_with_cache(tokens[lo:lo + batch_size], names_filter=lambda n: n in hooks,
+                                            stop_at_layer=stop)
+            acts = {"feature": sae.encode(cache[hooks[0]].reshape(-1, sae.cfg.d_in)),
+                    "neuron": cache[hooks[1]].reshape(-1, model.cfg.d_mlp)}
+            for kind, a in acts.items():
+                stats = torch.stack([(a > 0).sum(0).double(), a.clamp_min(0).sum(0).double(),
+                                     a.max(0).values.double()])
+                sums[kind] = stats if kind not in sums else torch.stack(
+                    [sums[kind][0] + stats[0], sums[kind][1] + stats[1], torch.maximum(sums[kind][2], stats[2])])
+                top = a.t().topk(min(k, a.shape[0]), dim=1)
+                values, rows = top.values.tolist(), top.indices.tolist()
+                lists = best.setdefault(kind, [[] for _ in range(a.shape[1])])
+                for u in range(a.shape[1]):
+                    new = [(v, lo + r // ctx, r % ctx) for v, r in zip(values[u], rows[u], strict=True) if v > 0]
+                    lists[u] = sorted(lists[u] + new, reverse=True)[:k]
+    return time.perf_counter() - start
+
+
+def query_latency(path: Path, n_features: int) -> dict[str, float]:
+    """Milliseconds (median of repeats) for what the viewer does: open, a feature page, lists, search."""
+    out: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, repeats: int = 15) -> None:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1000, 2)
+        out[name + "_max"] = round(max(times) * 1000, 2)
+
+    t0 = time.perf_counter()
+    store = FeatureStore.open(path)
+    store.vocab  # noqa: B018 - loaded once per open store, as a viewer keeps it
+    out["open_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+    gen = torch.Generator().manual_seed(0)
+    picks = iter(torch.randint(0, n_features, (100,), generator=gen).tolist())
+    timed("feature_page_ms", lambda: store.feature(next(picks)))
+    timed("list_live_by_max_act_ms", lambda: store.search(status="live", order_by="max_act", descending=True,
+                                                           limit=50, offset=500))
+    timed("list_freq_range_ms", lambda: store.search(min_freq=1e-3, max_freq=1e-2, order_by="freq", limit=50))
+    timed("text_search_ms", lambda: store.search("the", limit=50))
+    timed("count_ms", lambda: store.count("the", status="live"))
+    store.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--hook", default="blocks.6.hook_mlp_out")
+    parser.add_argument("--d-sae", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--sequences", type=int, default=128)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_model(args.model)
+    tokens = corpus.tokenize_sequences(corpus.iter_documents("embedded"), model.tokenizer, args.context,
+                                       max_sequences=args.sequences)
+    n_tok = tokens.numel()
+    layer = hook_layer(args.hook)
+    post = f"blocks.{layer}.mlp.hook_post"
+    sae = build_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=args.d_sae, k=args.k, hook_name=args.hook,
+                              model_name=model.cfg.model_name))
+    print(f"{args.model} {args.hook}: random TopK SAE d_sae={args.d_sae} k={args.k} + {model.cfg.d_mlp} neurons; "
+          f"{len(tokens)} sequences x {args.context} = {n_tok:,} tokens, batches of {args.batch_size}, "
+          f"{torch.get_num_threads()} threads")
+    bare_forward(model, tokens[:args.batch_size], layer + 1, args.batch_size)  # warm-up
+
+    t_bare = bare_forward(model, tokens, layer + 1, args.batch_size)
+    print(f"bare forward       {t_bare:7.1f}s  {n_tok / t_bare:8.0f} tok/s")
+    cfg = AnalyzeConfig(batch_size=args.batch_size, sequences=None)
+    result = analyze(model, sae, tokens, cfg, progress=False)
+    t_pass, t_all = result.settings["pass_seconds"], result.settings["seconds"]
+    print(f"saekit pass        {t_pass:7.1f}s  {n_tok / t_pass:8.0f} tok/s  ({t_pass / t_bare:.2f}x bare)  "
+          f"+ {t_all - t_pass:.1f}s per-unit finishing (logits, neighbours, co-firing; independent of tokens)")
+    t_naive = naive(model, sae, tokens, (args.hook, post), layer + 1, args.batch_size)
+    print(f"naive              {t_naive:7.1f}s  {n_tok / t_naive:8.0f} tok/s  ({t_naive / t_bare:.2f}x bare; "
+          f"saekit pass is {t_naive / t_pass:.2f}x faster; naive keeps only counts, sums, max and top-20 values)")
+    t_bare2 = bare_forward(model, tokens, layer + 1, args.batch_size)
+    print(f"bare forward again {t_bare2:7.1f}s  (load drift check)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "features.db"
+        t0 = time.perf_counter()
+        write_store(path, result, vocab=vocab_strings(model), meta={"sae_id": "bench", "model_name": args.model})
+        t_write = time.perf_counter() - t0
+        size = path.stat().st_size
+        n_units = sum(k.n_units for k in result.kinds.values())
+        per_1k = size / (n_units / 1000)
+        print(f"store              {t_write:7.1f}s to write, {size / 1e6:.1f} MB for {n_units:,} units "
+              f"({per_1k / 1e6:.2f} MB per 1k units)")
+        latency = query_latency(path, args.d_sae)
+    print("queries (median ms): " + ", ".join(f"{k} {v}" for k, v in latency.items() if not k.endswith("_max")))
+
+    out = {"tokens_per_s": {"bare_forward": n_tok / t_bare, "saekit": n_tok / t_pass, "naive": n_tok / t_naive},
+           "ratios": {"saekit_pass_over_bare": t_pass / t_bare, "naive_over_saekit_pass": t_naive / t_pass,
+                      "saekit_all_over_bare": t_all / t_bare, "bare_drift": t_bare2 / t_bare},
+           "seconds": {"bare": t_bare, "saekit_pass": t_pass, "saekit_finish": t_all - t_pass, "naive": t_naive,
+                       "store_write": t_write},
+           "store": {"bytes": size, "units": n_units, "bytes_per_1k_units": per_1k}, "query_ms": latency,
+           "setup": {"model": args.model, "hook": args.hook, "d_sae": args.d_sae, "k": args.k, "tokens": n_tok,
+                     "batch_size": args.batch_size, "threads": torch.get_num_threads()}}
+    if args.json:
+        atomic_write_json(Path(args.json), out)
+        print(f"-> {args.json}")
+
+
+if __name__ == "__main__":
+    main()
