@@ -75,6 +75,7 @@ class Firings(NamedTuple):
     n_units: int
     dense: Tensor | None  # [n_tokens, n_units] or None
     at_token: Tensor  # [n_tokens, width] int64: the `width` most active firing units per token, -1 where fewer
+    unit_major: tuple[Tensor, Tensor] | None = None  # sparse kinds: (unit * n_tokens + token sorted, values)
 
 
 def _strongest(values: Tensor, ids: Tensor, width: int) -> Tensor:
@@ -110,19 +111,36 @@ def feature_firings(sae: SAE, x: Tensor, width: int) -> Firings:
     at = _strongest(values.view(n, k), acts.cols.view(n, k), width)
     rows = torch.arange(n).repeat_interleave(k)
     keep = values > 0
-    return Firings(acts.cols[keep], rows[keep], values[keep], n, sae.cfg.d_sae, None, at)
+    unit, token, value = acts.cols[keep], rows[keep], values[keep]
+    key = unit * n + token
+    order = torch.argsort(key)
+    return Firings(unit, token, value, n, sae.cfg.d_sae, None, at, (key[order], value[order]))
 
 
-def lookup(f: Firings, unit: Tensor, token: Tensor) -> Tensor:
-    """Activation of `unit` at batch row `token` (same shapes); 0 where a sparse kind does not fire."""
+def windows(f: Firings, unit: Tensor, token: Tensor, before: int, after: int, ctx: int) -> Tensor:
+    """[n, before + 1 + after]: each unit's activations around its batch row `token`, NaN outside the sequence.
+
+    A sparse kind reads each window as one range of its unit-major list (two binary searches per window,
+    whatever its width) and scatters the few firings it holds into zeros.
+    """
+    pos = token % ctx
+    q = pos[:, None] + torch.arange(-before, after + 1)
+    inside = (q >= 0) & (q < ctx)
     if f.dense is not None:
-        return f.dense[token, unit]
-    if len(f.unit) == 0:
-        return torch.zeros(token.shape)
-    keys = f.token * f.n_units + f.unit  # sorted, as the list is token-major with units ascending
-    query = token * f.n_units + unit
-    at = torch.searchsorted(keys, query).clamp_(max=len(keys) - 1)
-    return torch.where(keys[at] == query, f.value[at], 0.0)
+        acts = f.dense[(token - pos)[:, None] + q.clamp(0, ctx - 1), unit[:, None]]
+    else:
+        assert f.unit_major is not None
+        keys, values = f.unit_major
+        base = unit * f.n_tokens
+        lo = torch.searchsorted(keys, base + token - torch.minimum(pos, torch.tensor(before)))
+        hi = torch.searchsorted(keys, base + token + torch.clamp(ctx - 1 - pos, max=after), right=True)
+        counts = hi - lo
+        which = torch.repeat_interleave(torch.arange(len(unit)), counts)
+        entry = lo[which] + torch.arange(len(which)) - (torch.cumsum(counts, 0) - counts)[which]
+        col = keys[entry] - base[which] - token[which] + before
+        acts = torch.zeros(q.shape)
+        acts[which, col] = values[entry]
+    return torch.where(inside, acts.float().clamp(-FLOAT16_MAX, FLOAT16_MAX), math.nan)
 
 
 def _sort_key(group: Tensor, key: Tensor) -> Tensor:
@@ -284,12 +302,8 @@ class UnitAccumulator:
     def _payload(self, f: Firings, first_seq: int, unit: Tensor, token: Tensor, value: Tensor,
                  cofire: int) -> dict[str, Tensor]:
         w = self.window
-        pos = token % w.ctx
-        q = pos[:, None] + torch.arange(-w.before, w.after + 1)
-        rows = (token - pos)[:, None] + q.clamp(0, w.ctx - 1)
-        acts = lookup(f, unit[:, None].expand_as(rows), rows).float().clamp_(-FLOAT16_MAX, FLOAT16_MAX)
-        out = {"seq": first_seq + token // w.ctx, "pos": pos, "value": value,
-               "window": torch.where((q >= 0) & (q < w.ctx), acts, math.nan)}
+        out = {"seq": first_seq + token // w.ctx, "pos": token % w.ctx, "value": value,
+               "window": windows(f, unit, token, w.before, w.after, w.ctx)}
         if cofire:
             out["cofire"] = f.at_token[token]
         return out
@@ -643,6 +657,9 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
             bar.update(feats.n_tokens)
     finally:
         bar.close()
+        close = getattr(source, "close", None)
+        if close is not None:  # a generator: remove the model's hooks now, not at garbage collection
+            close()
     t_pass = time.perf_counter() - t0
 
     results = {kind: _finish(a, cfg.n_related) for kind, a in acc.items()}
