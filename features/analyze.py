@@ -37,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from features.store import read_fingerprint, store_path, write_store
+from features.store import FeatureStore, read_fingerprint, store_path, write_store
 from sae import sparse
 from sae.architectures import SAE
 from sae.config import AnalyzeConfig, RunConfig
@@ -624,7 +624,7 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
     `batches` replaces the model run (e.g. rows read from an activation cache): (first sequence index,
     {hook: activations [batch tokens, d]}) covering `tokens` in order, batch by batch.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     neuron_hook = check_fit(model, sae)
     sae = sae.cpu().eval()
     n_seq, ctx = tokens.shape
@@ -660,7 +660,7 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
         close = getattr(source, "close", None)
         if close is not None:  # a generator: remove the model's hooks now, not at garbage collection
             close()
-    t_pass = time.perf_counter() - t0
+    t_pass, cpu_pass = time.perf_counter() - t0, time.process_time() - cpu0
 
     results = {kind: _finish(a, cfg.n_related) for kind, a in acc.items()}
     if corr is not None:
@@ -700,8 +700,8 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
         "correlated": "Pearson correlation over all analysed tokens of feature activations and signed neuron "
                       "activations",
         "aligned": "cosine between a feature's decoder direction and a neuron's W_out row, ranked by |cosine|",
-        "analyze_config": asdict(cfg), "pass_seconds": round(t_pass, 2),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "analyze_config": asdict(cfg), "pass_seconds": round(t_pass, 2), "pass_cpu_seconds": round(cpu_pass, 2),
+        "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2),
     }
     return Analysis(results, tokens.cpu(), sources or [("tokens", i) for i in range(n_seq)], settings)
 
@@ -809,7 +809,14 @@ def run_analysis(cfg: RunConfig, model: HookedTransformer, sae_dir: Path, splits
     path = store_path(sae_dir)
     sae_sha = sae_fingerprint(sae_dir)
     fingerprint = input_fingerprint(sae_sha, tokens, a, model.cfg.model_name)
+    eval_file = sae_dir / "eval.json"
+    context = {"eval": json.loads(eval_file.read_text()) if eval_file.is_file() else None,
+               "run_config": config_to_dict(cfg)}
     if not overwrite and read_fingerprint(path) == fingerprint:
+        with FeatureStore.open(path, writable=True) as store:  # eval or unrelated settings may have changed
+            changed = {k: v for k, v in context.items() if store.meta.get(k) != v}
+            if changed:
+                store.set_meta(changed)
         return path, False
     batches, source = None, "model"
     if a.source != "model":
@@ -828,10 +835,7 @@ def run_analysis(cfg: RunConfig, model: HookedTransformer, sae_dir: Path, splits
             batches, source = found, "cache"
     analysis = analyze(model, sae, tokens, a, sources, batches, progress=progress)
     analysis.settings["source"] = source
-    eval_file = sae_dir / "eval.json"
     meta = {"sae_id": sae_dir.name, "model_name": model.cfg.model_name, "fingerprint": fingerprint,
-            "sae_sha256": sae_sha, "sae": json.loads((sae_dir / "cfg.json").read_text()),
-            "eval": json.loads(eval_file.read_text()) if eval_file.is_file() else None,
-            "run_config": config_to_dict(cfg)}
+            "sae_sha256": sae_sha, "sae": json.loads((sae_dir / "cfg.json").read_text()), **context}
     write_store(path, analysis, vocab=vocab_strings(model), meta=meta)
     return path, True

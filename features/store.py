@@ -570,6 +570,11 @@ class FeatureStore:
                "kind = ?1) GROUP BY entity_type, attribute, value ORDER BY entity_type, attribute, value")
         return [(a, b, c, int(n)) for a, b, c, n in self.con.execute(sql, (kind,))]
 
+    def set_meta(self, items: dict[str, Any]) -> None:
+        """Add or replace metadata entries (JSON values), e.g. refreshed eval metrics or a labeler's settings."""
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", ((k, json.dumps(v)) for k, v in items.items()), None)
+        self.meta.update(items)
+
     # -- labeler tables ------------------------------------------------------------------------------
 
     def _write(self, sql: str, rows: Iterable[Sequence[Any]], clear: str | None) -> int:

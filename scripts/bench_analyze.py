@@ -32,18 +32,19 @@ from sae.io import atomic_write_json
 from sae.models import hook_layer, load_model
 
 
-def bare_forward(model: Any, tokens: torch.Tensor, stop: int, batch_size: int) -> float:
-    start = time.perf_counter()
+def bare_forward(model: Any, tokens: torch.Tensor, stop: int, batch_size: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of the forward pass alone."""
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for lo in range(0, len(tokens), batch_size):
             model(tokens[lo:lo + batch_size], stop_at_layer=stop)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def naive(model: Any, sae: Any, tokens: torch.Tensor, hooks: tuple[str, str], stop: int, batch_size: int,
-          k: int = 20) -> float:
+          k: int = 20) -> tuple[float, float]:
     """Dense activations per batch, topk over tokens per unit, Python lists per unit for the best examples."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ctx = tokens.shape[1]
     best: dict[str, list[list[tuple[float, int, int]]]] = {}
     sums: dict[str, torch.Tensor] = {}
@@ -64,7 +65,7 @@ def naive(model: Any, sae: Any, tokens: torch.Tensor, hooks: tuple[str, str], st
                 for u in range(a.shape[1]):
                     new = [(v, lo + r // ctx, r % ctx) for v, r in zip(values[u], rows[u], strict=True) if v > 0]
                     lists[u] = sorted(lists[u] + new, reverse=True)[:k]
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def query_latency(path: Path, n_features: int) -> dict[str, float]:
@@ -124,18 +125,21 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     bare_forward(model, tokens[:args.batch_size], layer + 1, args.batch_size)  # warm-up
 
-    t_bare = bare_forward(model, tokens, layer + 1, args.batch_size)
-    print(f"bare forward       {t_bare:7.1f}s  {n_tok / t_bare:8.0f} tok/s")
+    t_bare, c_bare = bare_forward(model, tokens, layer + 1, args.batch_size)
+    print(f"bare forward       {t_bare:7.1f}s  {n_tok / t_bare:8.0f} tok/s   cpu {c_bare:7.1f}s")
     cfg = AnalyzeConfig(batch_size=args.batch_size, sequences=None)
     result = analyze(model, sae, tokens, cfg, progress=False)
-    t_pass, t_all = result.settings["pass_seconds"], result.settings["seconds"]
-    print(f"saekit pass        {t_pass:7.1f}s  {n_tok / t_pass:8.0f} tok/s  ({t_pass / t_bare:.2f}x bare)  "
-          f"+ {t_all - t_pass:.1f}s per-unit finishing (logits, neighbours, co-firing; independent of tokens)")
-    t_naive = naive(model, sae, tokens, (args.hook, post), layer + 1, args.batch_size)
-    print(f"naive              {t_naive:7.1f}s  {n_tok / t_naive:8.0f} tok/s  ({t_naive / t_bare:.2f}x bare; "
-          f"saekit pass is {t_naive / t_pass:.2f}x faster; naive keeps only counts, sums, max and top-20 values)")
-    t_bare2 = bare_forward(model, tokens, layer + 1, args.batch_size)
-    print(f"bare forward again {t_bare2:7.1f}s  (load drift check)")
+    s = result.settings
+    t_pass, c_pass, t_all = s["pass_seconds"], s["pass_cpu_seconds"], s["seconds"]
+    print(f"saekit pass        {t_pass:7.1f}s  {n_tok / t_pass:8.0f} tok/s   cpu {c_pass:7.1f}s  "
+          f"({t_pass / t_bare:.2f}x bare wall, {c_pass / c_bare:.2f}x cpu)  + {t_all - t_pass:.1f}s per-unit "
+          "finishing (logits, neighbours, co-firing: independent of the token count)")
+    t_naive, c_naive = naive(model, sae, tokens, (args.hook, post), layer + 1, args.batch_size)
+    print(f"naive              {t_naive:7.1f}s  {n_tok / t_naive:8.0f} tok/s   cpu {c_naive:7.1f}s  "
+          f"({t_naive / t_bare:.2f}x bare; saekit's pass is {t_naive / t_pass:.2f}x faster, and the naive version "
+          "keeps only counts, sums, max and top-20 values)")
+    t_bare2, c_bare2 = bare_forward(model, tokens, layer + 1, args.batch_size)
+    print(f"bare forward again {t_bare2:7.1f}s  {n_tok / t_bare2:8.0f} tok/s   cpu {c_bare2:7.1f}s  (load drift check)")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "features.db"
@@ -152,9 +156,11 @@ def main() -> None:
 
     out = {"tokens_per_s": {"bare_forward": n_tok / t_bare, "saekit": n_tok / t_pass, "naive": n_tok / t_naive},
            "ratios": {"saekit_pass_over_bare": t_pass / t_bare, "naive_over_saekit_pass": t_naive / t_pass,
-                      "saekit_all_over_bare": t_all / t_bare, "bare_drift": t_bare2 / t_bare},
+                      "saekit_all_over_bare": t_all / t_bare, "bare_drift": t_bare2 / t_bare,
+                      "cpu_saekit_pass_over_bare": c_pass / c_bare, "cpu_naive_over_saekit_pass": c_naive / c_pass},
            "seconds": {"bare": t_bare, "saekit_pass": t_pass, "saekit_finish": t_all - t_pass, "naive": t_naive,
-                       "store_write": t_write},
+                       "store_write": t_write, "bare_again": t_bare2},
+           "cpu_seconds": {"bare": c_bare, "saekit_pass": c_pass, "naive": c_naive, "bare_again": c_bare2},
            "store": {"bytes": size, "units": n_units, "bytes_per_1k_units": per_1k}, "query_ms": latency,
            "setup": {"model": args.model, "hook": args.hook, "d_sae": args.d_sae, "k": args.k, "tokens": n_tok,
                      "batch_size": args.batch_size, "threads": torch.get_num_threads()}}

@@ -271,7 +271,10 @@ def test_up_to_date_store_is_skipped(tmp_path, tiny_model):
     cfg, folder, splits = run_setup(tmp_path, tiny_model, neurons=False)
     path, built = run_analysis(cfg, tiny_model, folder, splits, progress=False)
     assert built and path == store_path(folder)
+    (folder / "eval.json").write_text('{"l0": 4.0}')  # evaluated after the analysis: refreshed, not rebuilt
     assert run_analysis(cfg, tiny_model, folder, splits, progress=False) == (path, False)
+    with FeatureStore.open(path) as store:
+        assert store.summary()["eval"] == {"l0": 4.0}
     cfg.analyze.top_examples = 5  # another setting: rebuilt
     assert run_analysis(cfg, tiny_model, folder, splits, progress=False)[1]
 
