@@ -264,9 +264,11 @@ def sidebar(store: FeatureStore | None, src: Sources) -> None:
 
 
 def done(tag: str) -> None:
-    """Marks the page as rendered, with the seconds its script took (the benchmark and browser test read it)."""
+    """Marks the page as rendered, with the seconds its script took and the session's run number (the
+    benchmark and the browser test wait for it)."""
     seconds = time.perf_counter() - st.session_state.get("_t0", time.perf_counter())
-    st.html(f'<span class="sk-done" data-page="{html.escape(tag, quote=True)}" data-seconds="{seconds:.4f}"></span>')
+    st.html(f'<span class="sk-done" data-page="{html.escape(tag, quote=True)}" data-seconds="{seconds:.4f}" '
+            f'data-run="{st.session_state.get("_runs", 0)}"></span>')
 
 
 def page_missing(problem: str) -> None:
@@ -492,7 +494,8 @@ def page_list(store: FeatureStore, src: Sources, notice: str | None = None) -> N
     pages = max(1, math.ceil(total / PAGE_SIZE))
     page = min(max(int(_float(saved.get("p") or qp("p") or "1", 1)), 1), pages)
     c = st.columns([5, 1.2])
-    c[0].markdown(f"**{total:,}** {kind}s match" + (f" · page {page} of {pages}" if pages > 1 else ""))
+    c[0].markdown(f"**{total:,}** {kind}{'s match' if total != 1 else ' matches'}"
+                  + (f" · page {page} of {pages}" if pages > 1 else ""))
     page = c[1].number_input("Page", min_value=1, max_value=pages, value=page, step=1, key=f"ls_page_{pages}",
                              label_visibility="collapsed", disabled=pages == 1)
     saved["p"] = str(page)
@@ -934,6 +937,7 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
 
 def main() -> None:
     st.session_state["_t0"] = time.perf_counter()
+    st.session_state["_runs"] = st.session_state.get("_runs", 0) + 1
     st.set_page_config(page_title="saekit feature browser", page_icon="🔎", layout="wide")
     st.html(CSS)
     argv = sys.argv[1:] if Path(sys.argv[0]).name == Path(__file__).name else []
