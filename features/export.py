@@ -198,7 +198,7 @@ def export_neuronpedia(db: Path, out_dir: Path, kind: str = "feature", batch_siz
 def _copy_db(src: Path, dst: Path) -> None:
     """A consistent single-file copy (the backup API sees committed WAL content), in rollback-journal mode so
     it opens read-only anywhere, even from read-only media."""
-    source, target = sqlite3.connect(f"file:{src}?mode=ro", uri=True), sqlite3.connect(dst)
+    source, target = sqlite3.connect(f"{src.resolve().as_uri()}?mode=ro", uri=True), sqlite3.connect(dst)
     try:
         source.backup(target)
         target.execute("PRAGMA journal_mode = DELETE")

@@ -315,7 +315,8 @@ class FeatureStore:
             path = path / STORE_FILE
         if not path.is_file():
             raise SaekitError(f"no feature store at {path}; build it with `saekit analyze --config <your config>`")
-        con = sqlite3.connect(f"file:{path}?mode={'rw' if writable else 'ro'}", uri=True, check_same_thread=False)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode={'rw' if writable else 'ro'}", uri=True,
+                              check_same_thread=False)
         try:
             version = con.execute("PRAGMA user_version").fetchone()[0]
             fmt = con.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
