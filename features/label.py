@@ -112,14 +112,10 @@ def first_token(tokenizer: Any, answer: str) -> int:
 
 
 def length_batches(prompts: list[Encoded], batch_size: int) -> Iterator[list[int]]:
-    """Indices of prompts in batches of equal token length (no padding, so no attention masks)."""
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p.ids), []).append(i)
-    for length in sorted(by_len):
-        idx = by_len[length]
-        for s in range(0, len(idx), batch_size):
-            yield idx[s:s + batch_size]
+    """Indices of prompts in batches of similar length (sorted by length, then by index)."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].ids), i))
+    for s in range(0, len(order), batch_size):
+        yield order[s:s + batch_size]
 
 
 class Timer:
@@ -137,8 +133,15 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _tokens(model: HookedTransformer, prompts: list[Encoded], idx: list[int]) -> Tensor:
-    return torch.tensor([prompts[i].ids for i in idx], device=model.cfg.device)
+def _tokens(model: HookedTransformer, prompts: list[Encoded], idx: list[int]) -> tuple[Tensor, Tensor]:
+    """The batch's token ids, right-padded with each row's last token, and each row's last position.
+
+    Right padding needs no attention mask: attention is causal, so padding after a prompt's end never reaches
+    the prompt's own positions, and rotary positions still count from the prompt's first token."""
+    longest = max(len(prompts[i].ids) for i in idx)
+    rows = [prompts[i].ids + [prompts[i].ids[-1]] * (longest - len(prompts[i].ids)) for i in idx]
+    last = torch.tensor([len(prompts[i].ids) - 1 for i in idx])
+    return torch.tensor(rows, device=model.cfg.device), last
 
 
 @torch.inference_mode()
@@ -156,7 +159,7 @@ def span_activations(model: HookedTransformer, prompts: list[Encoded], hooks: li
     with model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
         for idx in length_batches(prompts, batch_size):
             with timer("forward"):
-                model(_tokens(model, prompts, idx), stop_at_layer=stop)
+                model(_tokens(model, prompts, idx)[0], stop_at_layer=stop)
             for h in hooks:
                 act = captured[h].float().cpu()
                 for row, i in enumerate(idx):
@@ -165,9 +168,9 @@ def span_activations(model: HookedTransformer, prompts: list[Encoded], hooks: li
     return out
 
 
-def _last_logprobs(model: HookedTransformer, resid: Tensor, token_ids: Tensor) -> Tensor:
-    """log-softmax over the vocabulary at the last position, read at `token_ids` -> [batch, len(token_ids)]."""
-    final = model.ln_final(resid[:, -1:])
+def _last_logprobs(model: HookedTransformer, resid: Tensor, last: Tensor, token_ids: Tensor) -> Tensor:
+    """log-softmax over the vocabulary at each row's position `last`, read at `token_ids` -> [batch, V]."""
+    final = model.ln_final(resid[torch.arange(len(last)), last.to(resid.device)][:, None])
     logits = model.unembed(final)[:, 0].float()
     return logits.log_softmax(-1)[:, token_ids.to(logits.device)].cpu()
 
@@ -192,13 +195,15 @@ def answer_logprobs(model: HookedTransformer, prompts: list[Encoded], token_ids:
     with model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
         for idx in length_batches(prompts, batch_size):
             with timer("forward"):
-                resid = model(_tokens(model, prompts, idx), stop_at_layer=model.cfg.n_layers)
-                out[idx] = _last_logprobs(model, resid, token_ids)
+                tokens, last = _tokens(model, prompts, idx)
+                resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+                out[idx] = _last_logprobs(model, resid, last, token_ids)
             for h in hooks:
                 act = captured[h].float().cpu()
                 for row, i in enumerate(idx):
                     a, b = prompts[i].span
-                    spans[h][i] = act[row].clone() if h.endswith("hook_resid_pre") else act[row, a:b].clone()
+                    whole = act[row, :len(prompts[i].ids)]
+                    spans[h][i] = whole.clone() if h.endswith("hook_resid_pre") else act[row, a:b].clone()
     if keep_resid_pre is not None:
         spans["resid_pre"] = spans.pop(f"blocks.{keep_resid_pre}.hook_resid_pre")
     return out, spans
@@ -216,28 +221,32 @@ class Patch(NamedTuple):
 def patched_logprobs(model: HookedTransformer, layer: int, prompts: list[Encoded], resid_pre: list[Tensor],
                      patches: list[Patch], token_ids: Tensor, batch_size: int, timer: Timer) -> Tensor:
     """[len(patches), V]: next-token log-probabilities of `token_ids` with each patch applied, the model run from
-    block `layer` on the stored clean residual stream (every patched hook lies in that block)."""
+    block `layer` on the stored clean residual stream (every patched hook lies in that block), right-padded."""
     out = torch.empty(len(patches), len(token_ids))
-    groups: dict[tuple[int, str], list[int]] = {}
+    by_hook: dict[str, list[int]] = {}
     for j, p in enumerate(patches):
-        groups.setdefault((len(prompts[p.prompt].ids), p.hook), []).append(j)
-    for (length, hook), members in sorted(groups.items()):
+        by_hook.setdefault(p.hook, []).append(j)
+    for hook, members in sorted(by_hook.items()):
+        members = sorted(members, key=lambda j: (len(prompts[patches[j].prompt].ids), j))
         for s in range(0, len(members), batch_size):
             chunk = members[s:s + batch_size]
-            resid = torch.stack([resid_pre[patches[j].prompt] for j in chunk]).to(model.cfg.device)
-            width = patches[chunk[0]].delta.shape[-1]
-            delta = torch.zeros(len(chunk), length, width)
-            for row, j in enumerate(chunk):
+            lengths = [len(prompts[patches[j].prompt].ids) for j in chunk]
+            longest = max(lengths)
+            resid = torch.zeros(len(chunk), longest, resid_pre[0].shape[-1])
+            delta = torch.zeros(len(chunk), longest, patches[chunk[0]].delta.shape[-1])
+            for row, j in enumerate(chunk):  # right-padded: causal attention keeps padding out of each prompt
+                resid[row, :lengths[row]] = resid_pre[patches[j].prompt]
                 a, b = prompts[patches[j].prompt].span
                 delta[row, a:b] = patches[j].delta
-            delta = delta.to(model.cfg.device)
+            resid, delta = resid.to(model.cfg.device), delta.to(model.cfg.device)
+            last = torch.tensor(lengths) - 1
 
             def add(act: Tensor, hook: Any, delta: Tensor = delta) -> Tensor:
                 return act + delta.to(act.dtype)
 
             with timer("forward"), model.hooks(fwd_hooks=[(hook, add)]):
                 res = model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
-                out[chunk] = _last_logprobs(model, res, token_ids)
+                out[chunk] = _last_logprobs(model, res, last, token_ids)
     return out
 
 
@@ -527,7 +536,7 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
                             causal_todo.append((kind, u, a, v, float(sc.f1[u, v])))
                             if kind == "feature":
                                 best_by_value[(es.entity_type, attr)][v] = u
-            with timer("probes"):
+            with timer("probes"), _one_thread():
                 probes += _probes(a, x_in, units, kept_names, cfg, kinds)
             log(f"label: {rep.name}: kept {rep.n_known}/{rep.n_entities} known entities "
                 f"({rep.kept_fraction:.0%}), {len(rep.values)} values; tags: "
@@ -559,6 +568,17 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
     timings = dict(timer.seconds)
     timings["total"] = time.perf_counter() - t0
     return LabelResult(attributes, tags, probes, causal, settings, timings)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small problems (the probes) run several times faster on one thread than on a shared pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _with_causal(tag: Tag, res: CausalResult | None) -> Tag:

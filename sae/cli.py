@@ -93,7 +93,10 @@ def cmd_label(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from sae import pipeline
 
+    from features.label import load_entities
+
     folders = _sae_folders(cfg, args) if args.sae else None
+    load_entities(cfg.label)  # a mistake in the entity files is reported before the model loads
     pipeline.stage_label(cfg, pipeline.run_model(cfg), sae_folders=folders)
 
 

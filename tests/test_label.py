@@ -1,0 +1,396 @@
+"""Labeler tests: scores on constructed activations with known answers, probes on separable data, the whole
+labeler on a tiny model with a planted feature, bad inputs, and one real-model run on a few countries."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from features.entities import AttributeTemplates, EntitySet, save_entity_set
+from features.label import (
+    Encoded,
+    Timer,
+    auroc,
+    best_f1_scores,
+    encode_prompt,
+    firing_scores,
+    label,
+    length_batches,
+    load_entities,
+    run_label,
+    select_tags,
+    span_activations,
+)
+from features.probes import probe_suite, split_train_test, stable_hash
+from features.report import render_markdown, write_report
+from sae import cli
+from sae.architectures import SAEConfig, build_sae
+from sae.config import LabelConfig, config_from_dict
+from sae.errors import SaekitError
+from sae.export import save_sae
+
+HOOK = "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These workloads are small: on a shared 2-core machine one thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores on constructed activations
+
+
+def onehot(labels: list[int], n: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(labels), n)
+
+
+def test_unit_firing_exactly_on_positives_scores_one():
+    labels = [0] * 12 + [1] * 20 + [2] * 8
+    y = onehot(labels, 3)
+    exact = torch.tensor([1.0 if c == 0 else 0.0 for c in labels]) * torch.linspace(1, 2, len(labels))
+    always = torch.ones(len(labels))
+    never = torch.zeros(len(labels))
+    half = torch.tensor([1.0 if (c == 0 and i % 2) else 0.0 for i, c in enumerate(labels)])
+    sc = firing_scores(torch.stack([exact, always, never, half]), y)
+    assert sc.support.tolist() == [12, 20, 8]
+    assert (sc.precision[0, 0], sc.recall[0, 0], sc.f1[0, 0], sc.auroc[0, 0]) == (1, 1, 1, 1)
+    assert sc.auroc[0, 1] < 0.5 and sc.f1[0, 1] == 0
+    assert math.isclose(sc.precision[1, 1], 0.5) and sc.recall[1, 1] == 1 and sc.auroc[1, 1] == 0.5
+    assert sc.f1[2].tolist() == [0, 0, 0] and sc.auroc[2].tolist() == [0.5] * 3
+    assert sc.precision[3, 0] == 1 and math.isclose(sc.recall[3, 0], 0.5)
+    # tags: only the exact unit, only for its value; a support below min_positives blocks the tag
+    assert select_tags(sc, 0.6, 0.85, 10) == [(0, 0)]
+    assert select_tags(sc, 0.6, 0.85, 13) == []
+
+
+def test_auroc_with_ties_matches_pairwise_counting():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (5, 30), generator=gen).float()  # many ties
+    labels = torch.randint(0, 3, (30,), generator=gen).tolist()
+    y = onehot(labels, 3)
+    got = auroc(a, y)
+    for u, v in itertools.product(range(5), range(3)):
+        pos = [a[u, i] for i in range(30) if labels[i] == v]
+        neg = [a[u, i] for i in range(30) if labels[i] != v]
+        want = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+        assert math.isclose(float(got[u, v]), float(want), abs_tol=1e-5)
+
+
+def test_best_f1_threshold_matches_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(7, 25, generator=gen).round(decimals=1)  # some ties
+    labels = torch.randint(0, 3, (25,), generator=gen).tolist()
+    y = onehot(labels, 3)
+    sc = best_f1_scores(a, y, chunk=3)
+    for u, v in itertools.product(range(7), range(3)):
+        best = 0.0
+        for t in sorted(set(a[u].tolist())) + [float(a[u].min()) - 1]:
+            on = a[u] > t
+            tp = sum(bool(on[i]) and labels[i] == v for i in range(25))
+            best = max(best, 2 * tp / (int(on.sum()) + labels.count(v)))
+        assert math.isclose(float(sc.f1[u, v]), best, abs_tol=1e-5)
+        # the reported threshold reproduces the reported F1
+        on = a[u] > sc.threshold[u, v]
+        tp = sum(bool(on[i]) and labels[i] == v for i in range(25))
+        assert math.isclose(2 * tp / (int(on.sum()) + labels.count(v)), float(sc.f1[u, v]), abs_tol=1e-5)
+
+
+def test_probes_on_separable_data():
+    gen = torch.Generator().manual_seed(2)
+    n, d = 120, 20
+    y = torch.arange(n) % 3
+    x = torch.randn(n, d, generator=gen) * 0.3
+    x[:, 5] += 4 * (y == 1)  # unit 5 marks class 1, unit 11 class 2: together they separate all three
+    x[:, 11] += 4 * (y == 2)
+    names = [f"e{i}" for i in range(n)]
+    train, test = split_train_test(names, y, 0.25)
+    assert split_train_test(names, y, 0.25)[1].tolist() == test.tolist()  # deterministic
+    assert set(train.tolist()).isdisjoint(test.tolist()) and len(train) + len(test) == n
+    assert torch.bincount(y[test]).tolist() == [10, 10, 10]  # stratified
+    (full,) = probe_suite(x, y, train, test, 3, sparse=False)
+    assert full.accuracy == 1.0
+    one, k = probe_suite(x, y, train, test, 3, sparse=True, k=2)
+    assert one.units[0] in (5, 11) and 0.6 <= one.accuracy <= 0.7  # one unit tells apart one class from two
+    assert sorted(k.units) == [5, 11] and k.accuracy == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The labeler on a tiny model
+
+
+WORDS = ["<|endoftext|>", "[UNK]", "The", "thing", "Fact:", "is", "coloured", "shaped", "red", "blue", "round"]
+
+
+def word_tokenizer(entities: list[str]) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(WORDS + entities)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def entity_set(n: int = 24) -> EntitySet:
+    names = [f"ent{i}" for i in range(n)]
+    return EntitySet(
+        entity_type="thing", entities=names,
+        attributes={"colour": ["red" if i % 2 else "blue" for i in range(n)], "shape": ["round"] * n},
+        # attribute prompts start with the context prompt, so the entity token's activations are the same in both
+        templates={"colour": AttributeTemplates(["The thing {entity} is coloured"]),
+                   "shape": AttributeTemplates(["The thing {entity} is shaped"])},
+        context_template="The thing {entity}")
+
+
+def tiny_label_sae(tiny_model, es, tok):
+    """A tiny TopK SAE whose feature 0 fires on exactly the red things (planted by least squares)."""
+    sae = build_sae(SAEConfig(d_in=32, d_sae=64, k=4, hook_name=HOOK, model_name="tiny", seed=0,
+                              encoder_bf16=False))
+    prompts = [encode_prompt(tok, es.context_template, e, 0) for e in es.entities]
+    x = torch.stack([s[-1] for s in span_activations(tiny_model, prompts, [HOOK], 8, Timer())[HOOK]])
+    target = torch.tensor([1.0 if v == "red" else -1.0 for v in es.attributes["colour"]])
+    w = torch.linalg.lstsq(x, target[:, None]).solution[:, 0]
+    with torch.no_grad():
+        sae.W_enc[:, 0] = 50 * w
+        sae.b_enc[0] = 0.0
+    return sae
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tiny_model):
+    es = entity_set()
+    tok = word_tokenizer(es.entities)
+    sae = tiny_label_sae(tiny_model, es, tok)
+    cfg = LabelConfig(knowledge_filter=False, min_positives=10, causal_tags=2, causal_prompts=4, causal_controls=3,
+                      probe_steps=50, batch_size=8)
+    result = label(tiny_model, sae, [es], cfg, tokenizer=tok, log=lambda m: None)
+    return es, tok, sae, cfg, result
+
+
+def test_encode_prompt_finds_the_entity_tokens():
+    tok = word_tokenizer(["ent0"])
+    enc = encode_prompt(tok, "Fact: The thing {entity} is coloured", "ent0", 0)
+    assert enc.ids[0] == 0 and enc.ids[enc.span[0]:enc.span[1]] == tok("ent0")["input_ids"]
+    short = Encoded([0], (0, 1))
+    assert list(length_batches([enc, short, enc], 2)) == [[1, 0], [2]]  # by length, then index
+
+
+def test_label_tags_the_planted_feature(tiny_case):
+    es, _, _, cfg, result = tiny_case
+    planted = [t for t in result.tags if t.kind == "feature" and t.index == 0]
+    assert [(t.attribute, t.value) for t in planted] == [("colour", "red")]
+    t = planted[0]
+    assert (t.precision, t.recall, t.f1, t.auroc, t.support) == (1.0, 1.0, 1.0, 1.0, 12)
+    assert sorted(t.entities) == sorted(e for e, v in zip(es.entities, es.attributes["colour"], strict=True)
+                                    if v == "red")
+    for tag in result.tags:  # every tag clears every threshold
+        assert tag.f1 >= cfg.min_f1 and tag.auroc >= cfg.min_auroc and tag.support >= cfg.min_positives
+    # the single-valued attribute is skipped with its reason, not an error
+    shape = next(a for a in result.attributes if a.attribute == "shape")
+    assert shape.skipped and "1 distinct value" in shape.skipped
+    colour = next(a for a in result.attributes if a.attribute == "colour")
+    assert colour.kept_fraction == 1.0 and colour.values == [("blue", 12), ("red", 12)]
+
+
+def test_label_probes_and_causal_checks(tiny_case):
+    _, _, _, cfg, result = tiny_case
+    methods = {(p.kind, p.method) for p in result.probes}
+    assert methods == {("feature", "full"), ("feature", "1-sparse"), ("feature", "8-sparse"),
+                       ("neuron", "1-sparse"), ("neuron", "8-sparse")}
+    feat1 = next(p for p in result.probes if (p.kind, p.method) == ("feature", "1-sparse"))
+    assert feat1.accuracy == 1.0 and feat1.details["units"] == [0]  # the planted feature alone separates
+    assert all(0 <= p.accuracy <= 1 and p.n_test > 0 for p in result.probes)
+    checked = [c for c in result.causal if c.kind == "feature" and c.index == 0]
+    assert len(checked) == 1 and checked[0].n_prompts == 4 and checked[0].drop is not None
+    assert checked[0].status in ("causal", "correlational only") and checked[0].z is not None
+    tag = next(t for t in result.tags if t.kind == "feature" and t.index == 0)
+    assert tag.causal_effect == checked[0].drop and tag.causal_status == checked[0].status
+    assert result.timings["forward"] > 0 and result.timings["total"] >= result.timings["forward"]
+
+
+def test_ablating_the_planted_feature_matches_a_manual_forward(tiny_case, tiny_model):
+    """The causal drop equals the log-prob change of a plain hooked forward that subtracts act x decoder row."""
+    es, tok, sae, cfg, result = tiny_case
+    res = next(c for c in result.causal if c.kind == "feature" and c.index == 0)
+    reds = sorted((e for e, v in zip(es.entities, es.attributes["colour"], strict=True)
+                                    if v == "red"), key=stable_hash)[:4]
+    answer = tok(" red", add_special_tokens=False)["input_ids"][0]
+    drops = []
+    for e in reds:
+        enc = encode_prompt(tok, es.templates["colour"].templates[0], e, 0)
+        toks = torch.tensor([enc.ids])
+        a, b = enc.span
+
+        def ablate(act, hook, a=a, b=b):
+            f = sae.encode(act[0, a:b])[:, 0]
+            act[0, a:b] -= f[:, None] * sae.W_dec[0]
+            return act
+
+        with torch.no_grad():
+            clean = tiny_model(toks)[0, -1].log_softmax(-1)[answer]
+            with tiny_model.hooks(fwd_hooks=[(HOOK, ablate)]):
+                ablated = tiny_model(toks)[0, -1].log_softmax(-1)[answer]
+        drops.append(float(clean - ablated))
+    assert math.isclose(res.drop, sum(drops) / len(drops), abs_tol=1e-4)
+
+
+def test_knowledge_filter_skips_an_attribute_the_model_does_not_know(tiny_model):
+    names = [f"ent{i}" for i in range(30)]
+    colours = ["red", "blue", "round", "shaped", "coloured"]
+    es = EntitySet("thing", names, {"colour": [colours[i % 5] for i in range(30)]},
+                   {"colour": AttributeTemplates(["Fact: The thing {entity} is coloured"])}, "The thing {entity}")
+    tok = word_tokenizer(names)
+    sae = build_sae(SAEConfig(d_in=32, d_sae=64, k=4, hook_name=HOOK, model_name="tiny", encoder_bf16=False))
+    result = label(tiny_model, sae, [es], LabelConfig(causal_tags=0, batch_size=16), tokenizer=tok,
+                   log=lambda m: None)
+    (rep,) = result.attributes
+    # a random model ranks one first-token first for nearly everything: at most one value keeps 5 entities
+    assert rep.skipped and "knowledge filter" in rep.skipped
+    assert rep.kept_fraction is not None and rep.kept_fraction < 0.5
+    assert result.tags == [] and result.probes == []
+    md = render_markdown(result, None, {"sae_id": "tiny"}, {})
+    assert "thing.colour" in md and "knowledge filter" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# Store, report, bad input
+
+
+def make_run(tmp_path, tiny_model, analyse: bool = True):
+    """A run directory with a saved tiny SAE and, if `analyse`, its feature store."""
+    from features.analyze import run_analysis
+
+    cfg = config_from_dict({"name": "lab", "runs_dir": str(tmp_path / "runs"),
+                            "analyze": {"batch_size": 4, "sequences": 8, "top_examples": 4, "intervals": 4,
+                                        "interval_examples": 3},
+                            "label": {"entities": str(tmp_path / "ents"), "knowledge_filter": False,
+                                      "causal_tags": 1, "causal_prompts": 2, "causal_controls": 2,
+                                      "probe_steps": 30}}, "test")
+    es = entity_set()
+    save_entity_set(es, tmp_path / "ents")
+    folder = cfg.run_dir / "saes" / "tiny-sae"
+    save_sae(tiny_label_sae(tiny_model, es, word_tokenizer(es.entities)), folder,
+             metadata={"context_size": 16, "prepend_bos": False})
+    if analyse:
+        toks = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(3))
+        run_analysis(cfg, tiny_model, folder, {"train": toks, "held_out": toks[:0]}, progress=False)
+    return cfg, folder, es
+
+
+def test_run_label_writes_store_and_report(tmp_path, tiny_model):
+    from features.store import FeatureStore
+
+    cfg, folder, es = make_run(tmp_path, tiny_model)
+    tiny_model.tokenizer = word_tokenizer(es.entities)
+    try:
+        result, semantics, report = run_label(cfg, tiny_model, folder, log=lambda m: None)
+    finally:
+        tiny_model.tokenizer = None
+    assert report == cfg.run_dir / "reports" / "tiny-sae" / "label.md"
+    text = report.read_text()
+    for section in ("## Headline", "## Knowledge filter", "## Probes", "## Causal checks", "## Attributes skipped",
+                    "## Monosemanticity", "thing.shape"):
+        assert section in text
+    for png in ("label-semantics.png", "label-probes.png", "label-causal.png", "label-knowledge.png"):
+        assert (report.parent / png).read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((report.parent / "label.json").read_text())
+    assert data["n_tags"]["feature"] == sum(t.kind == "feature" for t in result.tags)
+    with FeatureStore.open(folder) as store:
+        tags = store.find_tags(kind="feature", index=0)
+        assert [(t.attribute, t.value, t.f1) for t in tags] == [("colour", "red", 1.0)]
+        assert tags[0].causal_status in ("causal", "correlational only")
+        assert len(store.probes("thing", "colour")) == 5
+        sem = store.semantics("feature") + store.semantics("neuron")
+        assert len(sem) == 64 + 64 and {s.cls for s in sem} <= {"monosemantic", "polysemantic", "dead"}
+    # a report can be rewritten from the result alone (no plots)
+    assert write_report(tmp_path / "again", result, semantics, {"sae_id": "x"}, plots=False).is_file()
+
+
+def test_store_without_analysis_pass_says_run_analyze(tmp_path, tiny_model):
+    cfg, folder, _ = make_run(tmp_path, tiny_model, analyse=False)
+    with pytest.raises(SaekitError, match="run `saekit analyze --config"):
+        run_label(cfg, tiny_model, folder, log=lambda m: None)
+
+
+def write_files(folder, csv_text: str, templates: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "thing.csv").write_text(csv_text)
+    (folder / "thing.templates.json").write_text(json.dumps(templates, indent=2))
+
+
+GOOD_TEMPLATES = {"entity_type": "thing", "context_template": "The thing {entity}",
+                  "attributes": {"colour": {"templates": ["Fact: The thing {entity} is coloured"]}}}
+
+
+@pytest.mark.parametrize("case", ["missing column", "empty value", "no placeholder"])
+def test_bad_entity_files_name_file_line_and_problem(tmp_path, capsys, case):
+    folder = tmp_path / "ents"
+    if case == "missing column":
+        two = json.loads(json.dumps(GOOD_TEMPLATES))
+        two["attributes"]["size"] = {"templates": ["The thing {entity} is"]}
+        write_files(folder, "entity,size\nent0,big\nent1,small\n", two)
+        want = [r"thing\.templates\.json, line \d+", "has no 'colour' column"]
+    elif case == "empty value":
+        write_files(folder, "entity,colour\nent0,red\nent1,\n", GOOD_TEMPLATES)
+        want = [r"thing\.csv, line 3", "empty value in column 'colour'"]
+    else:
+        bad = json.loads(json.dumps(GOOD_TEMPLATES))
+        bad["attributes"]["colour"]["templates"] = ["Fact: The thing is coloured"]
+        write_files(folder, "entity,colour\nent0,red\n", bad)
+        want = [r"thing\.templates\.json, line 7", r"has no \{entity\}"]
+    for pattern in want:
+        with pytest.raises(SaekitError, match=pattern):
+            load_entities(LabelConfig(entities=str(folder)))
+    # through the command line: one error line, exit status 2, before any model is loaded
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: bad\nruns_dir: {tmp_path}/runs\nmodel: {{name: does-not-exist}}\n"
+                      f"label: {{entities: {folder}}}\n")
+    assert cli.main(["label", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saekit: error: ") and str(folder / "thing") in err and err.count("\n") == 1
+
+
+def test_unknown_entity_type_is_named(tmp_path):
+    save_entity_set(entity_set(), tmp_path)
+    with pytest.raises(SaekitError, match="label.entity_types names planet"):
+        load_entities(LabelConfig(entities=str(tmp_path), entity_types=["planet"]))
+
+
+def test_label_config_is_validated():
+    with pytest.raises(SaekitError, match="label.min_f1"):
+        config_from_dict({"label": {"min_f1": 1.5}}, "test")
+    with pytest.raises(SaekitError, match="label.pooling"):
+        config_from_dict({"label": {"pooling": "mean"}}, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.real
+def test_real_model_knows_continents_and_probes_read_them(real_model):
+    """SmolLM2 on 48 countries: the filter keeps most, the full probe beats the majority baseline, and the
+    labeler's mechanics hold on real activations (random SAE: tags are not expected)."""
+    es = next(s for s in load_entities(LabelConfig(entity_types=["country"])))
+    sae = build_sae(SAEConfig(d_in=576, d_sae=512, k=16, hook_name="blocks.4.hook_mlp_out",
+                              model_name=real_model.cfg.model_name, encoder_bf16=False))
+    cfg = LabelConfig(max_entities=48, causal_tags=1, causal_prompts=3, causal_controls=2, probe_steps=50,
+                      min_positives=5, min_f1=0.3, min_auroc=0.7)
+    result = label(real_model, sae, [es], cfg, log=lambda m: None)
+    cont = next(a for a in result.attributes if a.attribute == "continent")
+    capital = next(a for a in result.attributes if a.attribute == "capital")
+    assert capital.skipped  # one country per capital: nothing to score
+    assert cont.skipped is None and cont.kept_fraction >= 0.6, cont
+    full = next(p for p in result.probes if p.method == "full")
+    assert full.accuracy > full.baseline
+    assert result.timings["forward"] / result.timings["total"] > 0.5
+    for c in result.causal:
+        assert c.drop is None or math.isfinite(c.drop)
