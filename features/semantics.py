@@ -5,8 +5,8 @@ that rules can compute for any token of the analysed text:
 
 - ``token:<t>``: the token itself (lower-cased, spaces stripped: " The" and "the" are one concept);
 - ``lex:<class>``: lexical classes by fixed rules: number, punctuation, whitespace, function word (a fixed list
-  of English closed-class words), capitalised word, word piece (continues the previous token's word), and the
-  suffix classes -ing, -ed, -ly, -tion, -er, -s;
+  of English closed-class words), capitalised word, word piece (continues the previous token's word), and, for
+  lower-case words, the suffix classes -ing, -ed, -ly, -tion, -er, -s;
 - ``wn:<lexname>``: the WordNet lexicographer file of the word's most frequent sense, per part of speech
   (noun.person, noun.location, verb.motion, ...), when WordNet's database is installed locally
   (`/usr/share/wordnet`, Debian's wordnet-base; never downloaded); the report says whether it was used;
@@ -106,7 +106,7 @@ def lexical_classes(token: str, prev: str | None) -> list[str]:
         out.append("lex:function-word")
     elif text[0].isupper():
         out.append("lex:capitalised")
-    if text.isalpha() and len(low) > 3:
+    if text.isalpha() and text.islower() and len(low) > 3:
         for suffix, name in SUFFIXES:
             if low.endswith(suffix):
                 out.append(f"lex:{name}")
