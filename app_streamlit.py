@@ -35,6 +35,7 @@ from features.viewer_html import (
     example_html,
     histogram_html,
     logits_html,
+    metrics_html,
     related_html,
     short_tokens,
     tags_html,
@@ -560,6 +561,8 @@ def _unit_index(store: FeatureStore, kind: str) -> tuple[int | None, str | None]
 
 
 def page_unit(store: FeatureStore, src: Sources, kind: str) -> None:
+    """A unit's page. Built from a few large HTML blocks rather than many widgets: this is the page people
+    flip through, and each widget costs the browser more than the same content as HTML."""
     idx, problem = _unit_index(store, kind)
     if idx is None:
         page_list(store, src, notice=problem)
@@ -580,66 +583,59 @@ def page_unit(store: FeatureStore, src: Sources, kind: str) -> None:
     if head[3].button(f"Compare with {other}s", key="u_cmp", disabled=not store.n_units(other), width="stretch"):
         goto("compare", kind=kind, id=idx)
     hook = store.meta["analysis"]["sae_hook" if kind == "feature" else "neuron_hook"]
-    line = f"`{hook}` · **{u.status}**"
+    line = [f"<code>{html.escape(hook)}</code>", f"<b>{u.status}</b>"]
     if u.semantics is not None:
-        line += f" · {u.semantics.cls} (score {_fmt(u.semantics.score, '.2f')})"
+        line.append(f"{u.semantics.cls} (score {_fmt(u.semantics.score, '.2f')})")
     if u.tags:
-        line += f" · best tag **{_best_tag(u.tags)}**"
+        line.append(f"best tag <b>{html.escape(_best_tag(u.tags))}</b>")
     if u.explanation:
-        line += f" · “{u.explanation}”"
-    st.markdown(line)
-    m = st.columns(5)
-    m[0].metric("firing frequency", f"{u.freq:.3%}", help="share of analysed tokens on which it is > 0")
-    m[1].metric("firings", f"{u.n_fires:,}")
-    m[2].metric("max activation", f"{u.max_act:.3g}")
-    m[3].metric("mean activation", f"{u.mean_act:.3g}", help="mean over the tokens where it fires")
-    m[4].metric("monosemanticity", _fmt(u.semantics.score if u.semantics else None, ".2f"),
-                help="from the labeler (`saekit label`)")
+        line.append(f"“{html.escape(u.explanation)}”")
+    st.html(f'<div class="sk-line">{" · ".join(line)}</div>' + metrics_html([
+        ("firing frequency", f"{u.freq:.3%}", "share of the analysed tokens on which it is > 0"),
+        ("firings", f"{u.n_fires:,}", "analysed tokens on which it is > 0"),
+        ("max activation", f"{u.max_act:.3g}", "largest activation on the analysed tokens"),
+        ("mean activation", f"{u.mean_act:.3g}", "mean over the tokens where it fires"),
+        ("monosemanticity", _fmt(u.semantics.score if u.semantics else None, ".2f"),
+         "from the labeler (saekit label)")]))
+    hint = html.escape(LABEL_HINT.format(config=_cfg(src)).replace("`", ""))
 
     left, right = st.columns([3, 2], gap="large")
     with left:
-        st.subheader("Top activations")
+        parts = ['<div class="sk-h">Top activations</div>']
         if u.top_examples:
-            st.html("".join(example_html(e, u.max_act) for e in u.top_examples))
-            st.caption("Background in proportion to the activation (hover a token for its value); the outlined "
-                       "token is the example's own; the grey number is its activation. At most one example per "
-                       "sequence.")
+            parts += [example_html(e, u.max_act) for e in u.top_examples]
+            parts.append('<div class="sk-note">Background in proportion to the activation (hover a token for its '
+                         "value); the outlined token is the example's own, the grey number its activation. At most "
+                         "one example per sequence.</div>")
         else:
-            st.info("This unit never fired on the analysed text.")
+            parts.append('<div class="sk-hint">This unit never fired on the analysed text.</div>')
         if u.intervals:
-            st.subheader("Across the activation range")
-            st.caption("Uniform samples from equal-width activation intervals, highest first, with each "
-                       "interval's share of all firings.")
-            parts = []
+            parts.append('<div class="sk-h">Across the activation range</div><div class="sk-note">Uniform samples '
+                         "from equal-width activation intervals, highest first, with each interval's share of all "
+                         'firings.</div><div class="sk-scroll">')
             for iv in sorted(u.intervals, key=lambda iv: -iv.min):
                 parts.append(f'<div class="sk-iv"><b>[{iv.min:.3g}, {iv.max:.3g})</b> · {iv.count:,} firings · '
                              f'{iv.share:.1%} of all<span class="sk-bar" style="width:{max(iv.share * 160, 1):.0f}px">'
                              "</span></div>")
                 parts += [example_html(e, u.max_act) for e in iv.examples]
-            with st.container(height=560):
-                st.html("".join(parts))
+            parts.append("</div>")
+        st.html("".join(parts))
     with right:
-        st.subheader("Activation histogram")
-        st.html(histogram_html(u.hist_edges, u.hist_counts))
+        parts = ['<div class="sk-h">Activation histogram</div>', histogram_html(u.hist_edges, u.hist_counts)]
         if u.pos_logits or u.neg_logits:
-            st.subheader("Output logits")
-            c = st.columns(2)
-            c[0].html(logits_html("promoted", u.pos_logits, "#2f9e44"))
-            c[1].html(logits_html("suppressed", u.neg_logits, "#c92a2a"))
-        st.subheader("Tags")
-        if u.tags:
-            st.html(tags_html(u.tags))
-        else:
-            st.info(f"No tags for this {kind}; {LABEL_HINT.format(config=_cfg(src))}.")
-        st.subheader("Monosemanticity")
+            parts.append('<div class="sk-h">Output logits</div><div class="sk-cols2">'
+                         f'<div>{logits_html("promoted", u.pos_logits, "#2f9e44")}</div>'
+                         f'<div>{logits_html("suppressed", u.neg_logits, "#c92a2a")}</div></div>')
+        parts.append('<div class="sk-h">Tags</div>')
+        parts.append(tags_html(u.tags) if u.tags else f'<div class="sk-hint">No tags for this {kind}; {hint}.</div>')
+        parts.append('<div class="sk-h">Monosemanticity</div>')
         if u.semantics is not None:
-            st.markdown(f"**{u.semantics.cls}**, score {_fmt(u.semantics.score, '.3f')}"
-                        + (" · concepts found:" if u.semantics.concepts else ""))
-            if u.semantics.concepts:
-                st.html("".join(f'<span class="sk-chip">{html.escape(_concept(c))}</span>'
-                                for c in u.semantics.concepts))
+            parts.append(f"<div><b>{html.escape(u.semantics.cls)}</b>, score {_fmt(u.semantics.score, '.3f')}"
+                         + (" · concepts found:" if u.semantics.concepts else "") + "</div>")
+            parts += [f'<span class="sk-chip">{html.escape(_concept(c))}</span>' for c in u.semantics.concepts]
         else:
-            st.info(f"Not scored yet; {LABEL_HINT.format(config=_cfg(src))}.")
+            parts.append(f'<div class="sk-hint">Not scored yet; {hint}.</div>')
+        st.html("".join(parts))
         _downloads(store, src, u)
     _related(store, u)
     done(f"{kind}-{idx}")
@@ -660,14 +656,12 @@ def _related(store: FeatureStore, u: Unit) -> None:
               (other, f"Most correlated {other}s", "Pearson r", u.correlated)]
     if u.kind == "feature":
         groups.append(("neuron", "Aligned neurons (decoder · W_out)", "cosine", u.aligned))
-    groups = [g for g in groups if g[3] or g[0] == u.kind]
-    st.subheader("Related units")
     summaries = {k: store.summaries(k, [i for kk, _, _, pairs in groups if kk == k for i, _ in pairs])
                  for k in {g[0] for g in groups}}
-    cols = st.columns(4, gap="medium")
-    for j, (k, title, value_name, pairs) in enumerate(groups):
-        cols[j].html(f'<div class="sk-legend"><b>{html.escape(title)}</b></div>'
-                         + related_html(k, pairs, summaries[k], unit_href, value_name))
+    cells = "".join(f'<div><div class="sk-legend"><b>{html.escape(title)}</b></div>'
+                    f"{related_html(k, pairs, summaries[k], unit_href, value_name)}</div>"
+                    for k, title, value_name, pairs in groups)
+    st.html(f'<div class="sk-h">Related units</div><div class="sk-grid">{cells}</div>')
 
 
 def _downloads(store: FeatureStore, src: Sources, u: Unit) -> None:
@@ -681,7 +675,7 @@ def _downloads(store: FeatureStore, src: Sources, u: Unit) -> None:
         return json.dumps(neuronpedia_feature(u, m["n_tokens"], m["n_sequences"], m["analysis"]["context_size"],
                                               dataset))
 
-    st.subheader("Decoder vector" if u.kind == "feature" else "Export")
+    st.html(f'<div class="sk-h">{"Decoder vector" if u.kind == "feature" else "Export"}</div>')
     c = st.columns(2)
     c[1].download_button("Neuronpedia JSON", np_json, file_name=f"{u.kind}-{u.index}-neuronpedia.json",
                          mime="application/json", key="u_np_dl", width="stretch")
@@ -701,8 +695,8 @@ def _downloads(store: FeatureStore, src: Sources, u: Unit) -> None:
     c[0].download_button("Decoder vector (JSON)", lambda: json.dumps(payload),
                          file_name=f"feature-{u.index}-decoder.json", mime="application/json", key="u_dec_dl",
                          width="stretch")
-    with st.expander(f"Copy the {len(vec)} decoder weights (copy button at the top right)"):
-        st.code(json.dumps(vec), language="json", wrap_lines=True)
+    st.caption(f"{len(vec)} weights, norm {payload['norm']:.4f}, written at `{payload['hook_name']}`. The JSON "
+               "holds the vector under `decoder`.")
 
 
 def page_compare(store: FeatureStore, src: Sources) -> None:
@@ -812,10 +806,10 @@ def page_live(store: FeatureStore, src: Sources) -> None:
     strongest = res.strongest(30)
     summaries = store.summaries("feature", [f for f, _, _ in strongest])
     st.subheader("Features on this text")
-    left, right = st.columns([2, 3], gap="large")
+    left, right = st.columns([3, 2], gap="large")
     with left:
         df = pd.DataFrame([{"feature": f, "max act": m, "tokens": c,
-                            "top tokens (store)": short_tokens(summaries[f].top_tokens, 5) if f in summaries else "",
+                            "top tokens": short_tokens(summaries[f].top_tokens, 5) if f in summaries else "",
                             "label": (summaries[f].explanation or "") if f in summaries else ""}
                            for f, m, c in strongest])
         event = st.dataframe(df, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",

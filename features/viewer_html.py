@@ -42,6 +42,20 @@ CSS = """<style>
 .sk-hy {position: absolute; left: -2.8em; font-size: 0.7rem; color: #888; width: 2.5em; text-align: right;}
 .sk-hx {position: relative; height: 1.3em; margin-left: 2.6em; font-size: 0.7rem; color: #888;}
 .sk-hx span {position: absolute; transform: translateX(-50%);}
+.sk-h {font-size: 1.45rem; font-weight: 600; margin: 1.1rem 0 0.5rem 0; line-height: 1.3;}
+.sk-h:first-child {margin-top: 0.2rem;}
+.sk-note {font-size: 0.85rem; color: #808495; margin: 6px 0 4px 0;}
+.sk-hint {background: rgba(28,131,225,0.1); color: #0b4f8a; border-radius: 8px; padding: 12px 16px;
+          font-size: 0.92rem;}
+.sk-scroll {max-height: 560px; overflow-y: auto; border: 1px solid rgba(49,51,63,0.15); border-radius: 8px;
+            padding: 4px 10px;}
+.sk-cols2 {display: grid; grid-template-columns: 1fr 1fr; gap: 1.2rem;}
+.sk-grid {display: grid; grid-template-columns: repeat(auto-fit, minmax(230px, 1fr)); gap: 1.4rem;}
+.sk-line {margin: 0 0 4px 0;}
+.sk-line code {font-size: 0.85rem; background: rgba(127,127,127,0.1); padding: 1px 5px; border-radius: 4px;}
+.sk-ms {display: flex; gap: 2.5rem; flex-wrap: wrap; margin: 6px 0 14px 0;}
+.sk-ml {font-size: 0.82rem; color: #666;}
+.sk-mv {font-size: 1.9rem; line-height: 1.2;}
 </style>"""
 
 
@@ -63,16 +77,29 @@ def background(value: float, scale: float) -> str:
 def tokens_html(tokens: Sequence[str], values: Sequence[float], scale: float, focus: int | None = None,
                 titles: Sequence[str] | None = None, label: str | None = None) -> str:
     """One line of text, each token's background in proportion to its value, the value in its hover title.
-    A token's leading spaces stay outside the coloured box, so a line wraps between words, not inside a box."""
+    A token's leading spaces stay outside the coloured box, so a line wraps between words, not inside a box.
+    Tokens where the unit is silent are plain text: a sparse feature's page then stays a small document."""
     parts = [f'<span class="sk-v">{html.escape(label)}</span>'] if label is not None else []
     for i, (t, v) in enumerate(zip(tokens, values, strict=True)):
-        title = titles[i] if titles is not None else f"{t!r}: {v:.3g}"
         body = t.lstrip(" ") or t
         lead = t[:len(t) - len(body)]
+        title = titles[i] if titles is not None else (f"{t!r}: {v:.3g}" if v else None)
+        if title is None and i != focus:
+            parts.append(lead + token_text(body))
+            continue
         cls = "sk-t sk-f" if i == focus else "sk-t"
-        parts.append(f'<span title="{html.escape(title, quote=True)}">{lead}<span class="{cls}" '
-                     f'style="{background(v, scale)}">{token_text(body)}</span></span>')
+        style = background(v, scale)
+        style_attr = f' style="{style}"' if style else ""
+        title = html.escape(title or f"{t!r}: 0", quote=True)
+        parts.append(f'{lead}<span class="{cls}"{style_attr} title="{title}">{token_text(body)}</span>')
     return '<div class="sk-ex">' + "".join(parts) + "</div>"
+
+
+def metrics_html(items: Sequence[tuple[str, str, str]]) -> str:
+    """A row of (label, value, help) figures; lighter in the browser than one metric widget each."""
+    cells = "".join(f'<div class="sk-m" title="{html.escape(h, quote=True)}"><div class="sk-ml">{html.escape(label)}'
+                    f'</div><div class="sk-mv">{html.escape(value)}</div></div>' for label, value, h in items)
+    return f'<div class="sk-ms">{cells}</div>'
 
 
 def example_html(e: Example, scale: float) -> str:
@@ -147,19 +174,23 @@ def _num(v: float | None, spec: str = ".3f") -> str:
 
 
 def tags_html(tags: Sequence[Tag]) -> str:
-    """The labeler's tags of one unit, with their scores and (on hover, and the first few inline) entities."""
+    """The labeler's tags of one unit: scores on one line, the entities behind the tag on the next (all of them
+    on hover)."""
     head = ("<tr><th>tag</th><th class='n'>prec.</th><th class='n'>recall</th><th class='n'>F1</th>"
-            "<th class='n'>AUROC</th><th class='n'>causal</th><th>entities</th></tr>")
+            "<th class='n'>AUROC</th><th class='n'>causal effect</th></tr>")
     rows = []
     for t in tags:
         ents = [str(e) for e in t.entities]
-        shown = ", ".join(ents[:5]) + (f" +{len(ents) - 5}" if len(ents) > 5 else "")
+        shown = ", ".join(ents[:8]) + (f" … +{len(ents) - 8} more" if len(ents) > 8 else "")
         causal = _num(t.causal_effect, "+.3f") + (f" ({t.causal_status})" if t.causal_status else "")
         rows.append(f'<tr class="sk-r"><td><b>{html.escape(t.entity_type)}.{html.escape(t.attribute)}</b> = '
                     f"{html.escape(t.value)}</td><td class='n'>{_num(t.precision)}</td><td class='n'>{_num(t.recall)}"
                     f"</td><td class='n'>{_num(t.f1)}</td><td class='n'>{_num(t.auroc)}</td>"
-                    f"<td class='n'>{html.escape(causal)}</td>"
-                    f'<td title="{html.escape(", ".join(ents), quote=True)}">{html.escape(shown)}</td></tr>')
+                    f"<td class='n'>{html.escape(causal)}</td></tr>")
+        if ents:
+            rows.append(f'<tr><td colspan="6" class="tok" title="{html.escape(", ".join(ents), quote=True)}">'
+                        f"entities ({t.support if t.support is not None else len(ents)}): {html.escape(shown)}"
+                        "</td></tr>")
     return f'<table class="sk-rel">{head}{"".join(rows)}</table>'
 
 
