@@ -23,6 +23,7 @@ run: install
 	$(BIN)/saekit run --config $(CONFIG)
 
 test: install
+	sh scripts/ensure_chromium.sh  # Debian's chromium for the viewer's browser test; a no-op when installed
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
