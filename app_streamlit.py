@@ -381,9 +381,9 @@ def page_overview(store: FeatureStore, src: Sources, path: str, stamp: tuple[int
         st.subheader("Probing: attributes read from units")
         probes = store.probes()
         if probes:
-            df = pd.DataFrame([{"units": p.kind, "entity": p.entity_type, "attribute": p.attribute,
-                                "method": p.method, "accuracy": p.accuracy, "baseline": p.baseline,
-                                "train": p.n_train, "test": p.n_test} for p in probes])
+            df = pd.DataFrame([{"attribute": f"{p.entity_type}.{p.attribute}", "read from": p.kind + "s",
+                                "accuracy": p.accuracy, "baseline": p.baseline, "method": p.method,
+                                "train / test": f"{p.n_train} / {p.n_test}"} for p in probes])
             st.dataframe(df, hide_index=True, width="stretch",
                          column_config={"accuracy": st.column_config.ProgressColumn(min_value=0, max_value=1,
                                                                                    format="%.3f"),

@@ -330,6 +330,21 @@ def test_export_data(tiny_run, tmp_path):
     assert pd.read_parquet(io.BytesIO(viewer.parquet_bytes(df)))["idx"].tolist() == list(range(64))
 
 
+def test_view_command(monkeypatch, tiny_run):
+    """`saekit view` serves app_streamlit.py with the run, localhost only, no file watcher."""
+    import subprocess
+
+    from sae import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert cli.main(["view", "--run", str(tiny_run), "--port", "8765"]) == 0
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == APP
+    assert cmd[cmd.index("--server.port") + 1] == "8765" and cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--") + 1:] == ["--run", str(tiny_run), "--device", "cpu"]
+
+
 def test_html_pieces():
     line = tokens_html([" Paris", "\n", "<b>"], [2.0, 0.0, -1.0], 2.0, focus=0)
     assert 'title="&#x27; Paris&#x27;: 2">Paris</span>' in line and "background: rgba(255,120,0,0.85)" in line
