@@ -1,0 +1,536 @@
+"""TopK SAE training speed and quality: saekit vs SAE-Lens vs EleutherAI sparsify, in one process (issue #3).
+
+What is compared. Three trainers fit a TopK SAE (d_sae = expansion x d, k latents per token) to the
+same cached activations (default: SmolLM2-135M `blocks.6.hook_mlp_out`, d=576, 8x = 4,608 latents,
+k=32), with the same batches in the same order, the same token budget, seed, Adam (betas 0.9/0.999),
+base lr and lr schedule (saekit's: linear warm-up, constant, linear decay to zero over the last share
+of steps), the same dead-latent window and AuxK weight, and the same input normalisation (every
+activation multiplied by the one scalar that brings the mean norm to sqrt(d), as saekit's trainer
+does; it is applied once, up front, to the tensors all three receive):
+
+- saekit: `sae.architectures.build_sae(SAEConfig(...))`, fast sparse path (the default), and the
+  per-step sequence of `sae/train.py`: finite checks, `training_step`, backward,
+  `remove_parallel_grad_`, Adam step, `zero_grad`, `normalize_decoder_`, dead-latent counters.
+- SAE-Lens: `TopKTrainingSAE` with its defaults (fp32, no autocast, decoder norm 0.1 and
+  `rescale_acts_by_decoder_norm`, b_dec at zero), stepped as SAE-Lens's `SAETrainer._train_step`
+  does: `training_forward_pass(TrainStepInput(...))`, its firing statistics, backward,
+  `clip_grad_norm_(1.0)`, Adam step, `zero_grad`.
+- eai-sparsify: `SparseCoder` (its fused encoder: relu, top-k, index_add_ backward), stepped as
+  sparsify's `Trainer` does for the FVU loss: unit-norm decoder, forward with the dead mask,
+  fvu + auxk_alpha * auxk, backward, `remove_gradient_parallel_to_decoder_directions`, Adam step,
+  `zero_grad`, dead-latent counters; b_dec starts at the first batch's mean, as sparsify does.
+  Skipped with a note when `sparsify` is not installed (`pip install eai-sparsify`).
+
+Each tool keeps its own weight initialisation (that is part of the tool); all are seeded alike.
+
+How it is timed. The batches are read from the cache once, into memory, before anything is timed
+(cycled when the budget needs more), so the figures compare training steps, not I/O. Steps run in
+chunks that alternate between the trainers (the order rotates each round), so background load on
+a shared machine hits all of them alike; tokens/s is the median over a trainer's chunks (the first
+chunk, warm-up, is left out when there are several). Quality is measured afterwards on held-out
+rows never used for training (the last `--held-out` rows of the cache): FVU = sum of squared errors
+/ sum of squared deviations from the held-out mean, and L0 = mean number of non-zero latents.
+
+Roofline: one batch's encoder matmul `x @ W_enc` (fp32 and bf16) alone, as tokens/s; saekit's
+tokens/s is reported as a fraction of the faster of the two. That is the forward encoder matmul
+only, a bound no step that computes every pre-activation can beat.
+
+`--profile` also times saekit's step phase by phase (forward, backward, parallel-gradient removal,
+Adam, zero_grad, decoder renorm, bookkeeping), lists the heaviest operators from torch.profiler,
+compares Adam implementations, and reports how many latents a batch touches (the ceiling on what a
+sparse-aware optimiser step could skip).
+
+    python scripts/bench_train.py                                   # runs/bench cache, 2M tokens
+    python scripts/bench_train.py --tokens 1000000 --json bench.json --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sae.architectures import SAE, SAEConfig, build_sae
+from sae.cache import CacheReader
+from sae.errors import SaekitError
+from sae.train import _lr_at, _scale
+
+DEFAULT_CACHE = Path("runs/bench/cache/blocks.6.hook_mlp_out")
+BUILD_CMD = "saekit cache --set name=bench --set corpus.max_sequences=2000"
+NAMES = ("saekit", "sae-lens", "eai-sparsify")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class Data(NamedTuple):
+    batches: list[Tensor]  # [batch, d] each, already scaled, on the device
+    held_out: Tensor  # [n, d] scaled, never trained on
+    scale: float
+
+
+def load_data(cache: Path, batch_size: int, max_batches: int, held_out: int, seed: int, device: torch.device) -> Data:
+    """Read up to `max_batches` shuffled training batches and the last `held_out` rows, scaled once."""
+    if not (cache / "manifest.json").is_file():
+        raise SaekitError(f"no activation cache at {cache}. Build the default benchmark cache with `{BUILD_CMD}` "
+                          "(writes runs/bench/cache/blocks.6.hook_mlp_out, ~250k rows), or pass --cache PATH")
+    reader = CacheReader(cache)
+    n_train = reader.n_rows - held_out
+    if held_out <= 0 or n_train < batch_size:
+        raise SaekitError(f"the cache at {cache} has {reader.n_rows} rows: too few for --held-out {held_out} plus "
+                          f"one batch of {batch_size}. Build a bigger one with `{BUILD_CMD}`")
+    scale = _scale(reader)
+    n_batches = min(max_batches, n_train // batch_size)
+    rows = np.random.default_rng(seed).permutation(n_train)[:n_batches * batch_size]
+    x = reader.activations(rows) * scale
+    batches = [b.to(device).contiguous() for b in x.split(batch_size)]
+    held = reader.activations(np.arange(n_train, reader.n_rows)) * scale
+    return Data(batches, held.to(device), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainers: one step each, exactly as the tool's own loop takes it
+
+
+class Schedule(NamedTuple):
+    lr: float
+    total_steps: int
+    warmup: int
+    decay_fraction: float
+
+    def at(self, step: int) -> float:
+        return _lr_at(step, self.total_steps, self.lr, self.warmup, self.decay_fraction)
+
+
+class Settings(NamedTuple):
+    d: int
+    expansion: int
+    k: int
+    batch_size: int
+    seed: int
+    aux_k_coef: float
+    dead_after_tokens: int
+    scale: float
+    device: torch.device
+
+
+class Trainer:
+    name: str
+
+    def step(self, x: Tensor, step: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(reconstruction, number of non-zero latents per token)."""
+        raise NotImplementedError
+
+
+class SaekitTrainer(Trainer):
+    """sae/train.py's per-step sequence for one TopK SAE on the fast sparse path."""
+
+    name = "saekit"
+
+    def __init__(self, s: Settings, sched: Schedule, first: Tensor, fast: bool = True) -> None:
+        self.s, self.sched = s, sched
+        cfg = SAEConfig(d_in=s.d, d_sae=s.expansion * s.d, architecture="topk", k=s.k, aux_k_coef=s.aux_k_coef,
+                        input_scale=s.scale, seed=s.seed, fast=fast)
+        torch.manual_seed(s.seed)
+        self.sae: SAE = build_sae(cfg).to(s.device)
+        self.sae.init_b_dec(first)  # train.py: the data's mean (of scaled activations)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=sched.lr, betas=(0.9, 0.999))
+        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=s.device)
+
+    def step(self, x: Tensor, step: int, timer: Callable[[str], None] | None = None) -> None:
+        mark = timer or (lambda _: None)
+        if not torch.isfinite(x).all():
+            raise SaekitError(f"step {step}: non-finite batch")
+        for group in self.opt.param_groups:
+            group["lr"] = self.sched.at(step)
+        dead = self.tokens_since_fired >= self.s.dead_after_tokens
+        mark("setup")
+        out = self.sae.training_step(x, x, sparsity_coef=0.0, dead_mask=dead)
+        if not torch.isfinite(out.loss):
+            raise SaekitError(f"step {step}: saekit loss is not finite")
+        mark("forward")
+        out.loss.backward()
+        mark("backward")
+        self.sae.remove_parallel_grad_()
+        mark("remove_parallel_grad_")
+        self.opt.step()
+        mark("adam step")
+        self.opt.zero_grad(set_to_none=True)
+        mark("zero_grad")
+        self.sae.normalize_decoder_()
+        mark("normalize_decoder_")
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[out.fire_counts > 0] = 0
+        mark("bookkeeping")
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        acts = self.sae.encode(x)
+        return self.sae.decode(acts), (acts > 0).sum(-1)
+
+
+class SAELensTrainer(Trainer):
+    """SAE-Lens's `SAETrainer._train_step` for `TopKTrainingSAE`, with our schedule set on Adam."""
+
+    name = "sae-lens"
+
+    def __init__(self, s: Settings, sched: Schedule) -> None:
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+
+        self.TrainStepInput = TrainStepInput
+        self.s, self.sched = s, sched
+        cfg = TopKTrainingSAEConfig(d_in=s.d, d_sae=s.expansion * s.d, k=s.k, aux_loss_coefficient=s.aux_k_coef,
+                                    dtype="float32", device=str(s.device))
+        torch.manual_seed(s.seed)
+        self.sae = TopKTrainingSAE(cfg).to(s.device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=sched.lr, betas=(0.9, 0.999))
+        d_sae = cfg.d_sae
+        self.dead_window = math.ceil(s.dead_after_tokens / s.batch_size)  # SAE-Lens counts steps, not tokens
+        self.n_forward_passes_since_fired = torch.zeros(d_sae, device=s.device)
+        self.act_freq_scores = torch.zeros(d_sae, device=s.device)
+
+    def step(self, x: Tensor, step: int) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.sched.at(step)
+        self.sae.train()
+        out = self.sae.training_forward_pass(step_input=self.TrainStepInput(
+            sae_in=x, coefficients={}, dead_neuron_mask=(self.n_forward_passes_since_fired > self.dead_window).bool(),
+            n_training_steps=step, is_logging_step=False))
+        with torch.no_grad():
+            firing_feats = out.feature_acts.bool().float()
+            did_fire = firing_feats.sum(-2).bool()
+            if did_fire.is_sparse:
+                did_fire = did_fire.to_dense()
+            self.n_forward_passes_since_fired += 1
+            self.n_forward_passes_since_fired[did_fire] = 0
+            self.act_freq_scores += firing_feats.sum(0)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad()
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.sae.eval()
+        acts = self.sae.encode(x)
+        return self.sae.decode(acts), (acts > 0).sum(-1)
+
+
+class SparsifyTrainer(Trainer):
+    """sparsify's `Trainer` step for a `SparseCoder` on the FVU loss, with our schedule set on Adam."""
+
+    name = "eai-sparsify"
+
+    def __init__(self, s: Settings, sched: Schedule) -> None:
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        self.s, self.sched = s, sched
+        cfg = SparseCoderConfig(activation="topk", expansion_factor=s.expansion, k=s.k, normalize_decoder=True)
+        torch.manual_seed(s.seed)
+        self.sae = SparseCoder(s.d, cfg, device=s.device, dtype=torch.float32)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=sched.lr, betas=(0.9, 0.999))
+        self.num_tokens_since_fired = torch.zeros(self.sae.num_latents, dtype=torch.long, device=s.device)
+        self.started = False
+
+    def step(self, x: Tensor, step: int) -> None:
+        sae = self.sae
+        for group in self.opt.param_groups:
+            group["lr"] = self.sched.at(step)
+        if not self.started:  # sparsify: b_dec starts at the first batch's mean
+            sae.b_dec.data = x.mean(0).to(sae.dtype)
+            self.started = True
+        sae.set_decoder_norm_to_unit_norm()
+        dead = self.num_tokens_since_fired > self.s.dead_after_tokens
+        out = sae(x=x, y=x, dead_mask=dead)
+        did_fire = torch.zeros(sae.num_latents, dtype=torch.bool, device=x.device)
+        did_fire[out.latent_indices.flatten()] = True
+        loss = out.fvu + self.s.aux_k_coef * out.auxk_loss
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        with torch.no_grad():
+            self.num_tokens_since_fired += x.shape[0]
+            self.num_tokens_since_fired[did_fire] = 0
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        top_acts, top_indices, _ = self.sae.encode(x)
+        return self.sae.decode(top_acts, top_indices), (top_acts > 0).sum(-1)
+
+
+def sparsify_available() -> bool:
+    try:
+        import sparsify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and evaluation
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_interleaved(trainers: list[Trainer], batches: list[Tensor], total_steps: int, chunk_steps: int,
+                      device: torch.device, progress: bool = True) -> dict[str, list[float]]:
+    """Every trainer takes the same `total_steps` steps; chunks alternate between trainers (rotating which
+    goes first each round). Returns each trainer's tokens/s per chunk."""
+    rates: dict[str, list[float]] = {t.name: [] for t in trainers}
+    n_rounds = -(-total_steps // chunk_steps)
+    t_start = time.perf_counter()
+    for r in range(n_rounds):
+        lo, hi = r * chunk_steps, min(total_steps, (r + 1) * chunk_steps)
+        for i in range(len(trainers)):
+            t = trainers[(r + i) % len(trainers)]
+            sync(device)
+            start = time.perf_counter()
+            for step in range(lo, hi):
+                t.step(batches[step % len(batches)], step)
+            sync(device)
+            rates[t.name].append((hi - lo) * batches[0].shape[0] / (time.perf_counter() - start))
+        if progress:
+            now = ", ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items())
+            print(f"  steps {hi}/{total_steps} ({time.perf_counter() - t_start:.0f}s): tokens/s {now}",
+                  file=sys.stderr, flush=True)
+    return rates
+
+
+def median_rate(chunk_rates: list[float]) -> float:
+    return statistics.median(chunk_rates[1:] if len(chunk_rates) > 2 else chunk_rates)
+
+
+@torch.no_grad()
+def held_out_quality(trainer: Trainer, x: Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """(FVU, L0) over all of x, in chunks."""
+    sq_err, l0 = 0.0, 0.0
+    for part in x.split(chunk):
+        recon, nnz = trainer.reconstruct(part)
+        sq_err += (recon.float() - part).pow(2).sum().item()
+        l0 += nnz.float().sum().item()
+    total_var = (x - x.mean(0)).pow(2).sum().item()
+    return sq_err / total_var, l0 / x.shape[0]
+
+
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def encoder_roofline(x: Tensor, W_enc: Tensor, repeats: int = 7) -> dict[str, float]:
+    """Tokens/s of the forward encoder matmul x @ W_enc alone (median of interleaved repeats), fp32 and bf16."""
+    xb, Wb = x.bfloat16(), W_enc.bfloat16()
+    fp32, bf16 = [], []
+    for _ in range(repeats):
+        fp32.append(_best_time(lambda: x @ W_enc, x.device, 1))
+        bf16.append(_best_time(lambda: xb @ Wb, x.device, 1))
+    return {"fp32": x.shape[0] / statistics.median(fp32), "bf16": x.shape[0] / statistics.median(bf16)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile of saekit's step
+
+
+def profile_saekit(s: Settings, sched: Schedule, batches: list[Tensor], steps: int, warm_steps: int) -> None:
+    """Phase timers, torch.profiler's heaviest ops, Adam variants, and how many latents a batch touches.
+
+    The SAE is first trained `warm_steps` steps so that the profile sees a mid-training state
+    (dead latents, hence AuxK, included)."""
+    device = s.device
+    t = SaekitTrainer(s, sched, batches[0])
+    for step in range(warm_steps):
+        t.step(batches[step % len(batches)], step)
+
+    phases: dict[str, list[float]] = {}
+    last = [0.0]
+
+    def mark(name: str) -> None:
+        sync(device)
+        now = time.perf_counter()
+        phases.setdefault(name, []).append(now - last[0])
+        last[0] = now
+
+    for step in range(warm_steps, warm_steps + steps):
+        sync(device)
+        last[0] = time.perf_counter()
+        t.step(batches[step % len(batches)], step, timer=mark)
+    total = sum(statistics.median(v) for v in phases.values())
+    print(f"\nsaekit step, phase by phase (median of {steps} steps after {warm_steps} warm-up steps; "
+          f"dead latents now: {int((t.tokens_since_fired >= s.dead_after_tokens).sum())}):")
+    for name, v in phases.items():
+        med = statistics.median(v)
+        print(f"  {name:<22} {med * 1e3:8.1f} ms  {100 * med / total:5.1f}%")
+    print(f"  {'total':<22} {total * 1e3:8.1f} ms  -> {s.batch_size / total:,.0f} tokens/s")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    base = warm_steps + steps
+    with profile(activities=activities) as prof:
+        for step in range(base, base + min(steps, 5)):
+            t.step(batches[step % len(batches)], step)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\ntorch.profiler, {min(steps, 5)} saekit steps, top operators by self time:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48))
+
+    # Adam: the default (foreach) step vs fused, on the same parameters with live gradients.
+    x = batches[0]
+    out = t.sae.training_step(x, x, dead_mask=t.tokens_since_fired >= s.dead_after_tokens)
+    out.loss.backward()
+    touched = int((out.fire_counts > 0).sum())
+    grads = {n: p.grad.clone() for n, p in t.sae.named_parameters()}
+    n_params = sum(p.numel() for p in t.sae.parameters())
+    results = {}
+    for label, kwargs in (("foreach (default)", {"foreach": True}), ("fused", {"fused": True}),
+                          ("for-loop", {"foreach": False})):
+        try:
+            params = [p.detach().clone().requires_grad_() for p in t.sae.parameters()]
+            for p, g in zip(params, grads.values(), strict=True):
+                p.grad = g.clone()
+            opt = torch.optim.Adam(params, lr=1e-4, **kwargs)
+            results[label] = _best_time(opt.step, device, 9)
+        except (RuntimeError, TypeError) as exc:
+            print(f"  Adam {label}: not available here ({exc})")
+    print(f"\nAdam step over {n_params:,} parameters (median of 9):")
+    for label, sec in results.items():
+        print(f"  {label:<18} {sec * 1e3:7.1f} ms")
+    print(f"latents with a non-zero gradient in one batch of {s.batch_size}: {touched} of {s.expansion * s.d} "
+          f"({100 * touched / (s.expansion * s.d):.1f}%); a row-sparse optimiser step could skip at most the rest")
+    t.opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def run(args: argparse.Namespace, data: Data) -> dict[str, dict[str, float]]:
+    """Train every available trainer on `data`, print the table and target line, return the figures."""
+    device = data.batches[0].device
+    d = data.batches[0].shape[1]
+    batch_size = data.batches[0].shape[0]
+    total_steps = args.tokens // batch_size
+    if total_steps == 0:
+        raise SaekitError(f"--tokens {args.tokens} is smaller than one batch ({batch_size})")
+    s = Settings(d=d, expansion=args.expansion, k=args.k, batch_size=batch_size, seed=args.seed,
+                 aux_k_coef=args.aux_k_coef, dead_after_tokens=args.dead_after_tokens, scale=data.scale,
+                 device=device)
+    sched = Schedule(args.lr, total_steps, args.warmup_steps, args.decay_fraction)
+
+    trainers: list[Trainer] = [SaekitTrainer(s, sched, data.batches[0])]
+    if "sae-lens" not in args.skip:
+        trainers.append(SAELensTrainer(s, sched))
+    if "eai-sparsify" in args.skip:
+        pass
+    elif sparsify_available():
+        trainers.append(SparsifyTrainer(s, sched))
+    else:
+        print("note: eai-sparsify is not installed; skipping it (pip install eai-sparsify)", file=sys.stderr)
+
+    print(f"{len(data.batches)} batches of {batch_size} x {d} in memory (scale {data.scale:.4f}), "
+          f"{data.held_out.shape[0]} held-out rows; {total_steps} steps = {total_steps * batch_size:,} tokens each; "
+          f"d_sae {args.expansion * d}, k {args.k}, lr {args.lr}, device {device}, threads {torch.get_num_threads()}",
+          file=sys.stderr)
+    rates = train_interleaved(trainers, data.batches, total_steps, args.chunk_steps, device, progress=args.progress)
+
+    figures: dict[str, dict[str, float]] = {"tokens_per_s": {}, "fvu": {}, "l0": {}}
+    for t in trainers:
+        fvu, l0 = held_out_quality(t, data.held_out)
+        figures["tokens_per_s"][t.name] = median_rate(rates[t.name])
+        figures["fvu"][t.name] = fvu
+        figures["l0"][t.name] = l0
+
+    tps = figures["tokens_per_s"]
+    peers = [n for n in tps if n != "saekit"]
+    fastest = max(peers, key=lambda n: tps[n]) if peers else None
+    print(f"\n{'method':<14} {'tokens/s':>10} {'held-out FVU':>13} {'L0':>7} {'vs ' + (fastest or 'peer'):>18}")
+    for name in tps:
+        ratio = f"{tps[name] / tps[fastest]:.2f}x" if fastest else "-"
+        print(f"{name:<14} {tps[name]:>10,.0f} {figures['fvu'][name]:>13.4f} {figures['l0'][name]:>7.1f} {ratio:>18}")
+
+    roof = encoder_roofline(data.batches[0], trainers[0].sae.W_enc.detach())  # type: ignore[attr-defined]
+    best = max(roof.values())
+    print(f"\nencoder-matmul roofline (forward x @ W_enc only, one batch): fp32 {roof['fp32']:,.0f} tokens/s, "
+          f"bf16 {roof['bf16']:,.0f} tokens/s; saekit runs at {tps['saekit'] / best:.2f} of the faster one")
+    figures["roofline_tokens_per_s"] = roof
+    if fastest:
+        diff = figures["fvu"]["saekit"] - figures["fvu"][fastest]
+        print(f"saekit / faster peer = {tps['saekit'] / tps[fastest]:.2f}x (target ≥ 2x), "
+              f"FVU saekit - peer = {diff:+.3f} (target ≤ +0.01)")
+    if args.profile:
+        profile_saekit(s, sched, data.batches, steps=args.profile_steps, warm_steps=min(total_steps, 80))
+    return figures
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                   help=f"activation cache folder of one hook (default {DEFAULT_CACHE}; build: {BUILD_CMD})")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per trainer (default 2M)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3, help="base lr (default 3e-3, the default config's)")
+    p.add_argument("--warmup-steps", type=int, default=20, help="linear lr warm-up (default config: 20)")
+    p.add_argument("--decay-fraction", type=float, default=0.2, help="linear lr decay over this last share")
+    p.add_argument("--aux-k-coef", type=float, default=1 / 32, help="AuxK weight, all three (saekit's default)")
+    p.add_argument("--dead-after-tokens", type=int, default=250_000, help="dead-latent window, all three")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-batches", type=int, default=64, help="distinct batches held in memory (then cycled)")
+    p.add_argument("--held-out", type=int, default=16384, help="last rows of the cache, for FVU and L0 only")
+    p.add_argument("--chunk-steps", type=int, default=5, help="steps per timed chunk before switching trainer")
+    p.add_argument("--skip", nargs="*", default=[], choices=["sae-lens", "eai-sparsify"])
+    p.add_argument("--json", type=Path, help="write {tokens_per_s, fvu, l0} per method to this file")
+    p.add_argument("--profile", action="store_true", help="then profile saekit's step (phases, ops, Adam)")
+    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        data = load_data(args.cache, args.batch_size, args.max_batches, args.held_out, args.seed,
+                         torch.device(args.device))
+        figures = run(args, data)
+    except SaekitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = {key: figures[key] for key in ("tokens_per_s", "fvu", "l0")}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
