@@ -388,6 +388,9 @@ class LabelResult:
     causal: list[CausalResult]
     settings: dict[str, Any]
     timings: dict[str, float]
+    # with keep_activations: per entity type {"names", "input", "feature", "neuron"} and per attribute
+    # {"entity_type", "rows" (into the type's names), "labels", "values"}
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +435,7 @@ def _pool(span: Tensor, pooling: str) -> Tensor:
 
 def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg: LabelConfig, *,
           tokenizer: Any = None, feature_freq: Tensor | None = None, neuron_freq: Tensor | None = None,
-          neurons: bool = True, log: Callable[[str], None] = print) -> LabelResult:
+          neurons: bool = True, keep_activations: bool = False, log: Callable[[str], None] = print) -> LabelResult:
     """Run the labeler for `sae` (on `model`) over `entity_sets`; returns tags, probes and causal results
     (nothing is written). `feature_freq` (firing frequency per feature, e.g. from the feature store) matches
     causal controls; without it, the firing rate on the entity prompts is used."""
@@ -465,7 +468,7 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
     causal_todo: list[tuple[str, int, _Attr, int, float]] = []
     best_by_value: dict[tuple[str, str], dict[int, int]] = {}  # (type, attr) -> value -> best feature
     entity_feats: dict[str, Tensor] = {}
-    attrs_all: list[_Attr] = []
+    data: dict[str, Any] = {}
 
     for es in entity_sets:
         rows = sample_entities(es, cfg.max_entities)
@@ -503,6 +506,8 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
             if neurons:
                 units["neuron"] = torch.stack([_pool(s, cfg.pooling) for s in acts[neuron_hook]])
         entity_feats[es.entity_type] = feats
+        if keep_activations:
+            data[es.entity_type] = {"names": names, "input": x_in, **units}
 
         for attr, rep in todo:
             a = _knowledge(model, tokenizer, es, attr, rows, rep, cfg, start_id, timer, layer, in_hook, out_hook,
@@ -510,7 +515,9 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
             if rep.skipped:
                 attributes.append(rep)
                 continue
-            attrs_all.append(a)
+            if keep_activations:
+                data[rep.name] = {"entity_type": es.entity_type, "rows": a.rows, "labels": a.labels,
+                                  "values": [v for v, _ in rep.values]}
             attributes.append(rep)
             y = torch.nn.functional.one_hot(a.labels, len(rep.values))
             kept_names = [names[i] for i in a.rows]
@@ -567,7 +574,7 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
                 "n_features": sae.cfg.d_sae, "n_neurons": model.cfg.d_mlp if neurons else 0}
     timings = dict(timer.seconds)
     timings["total"] = time.perf_counter() - t0
-    return LabelResult(attributes, tags, probes, causal, settings, timings)
+    return LabelResult(attributes, tags, probes, causal, settings, timings, data)
 
 
 @contextmanager
