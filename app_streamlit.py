@@ -782,14 +782,10 @@ def page_live(store: FeatureStore, src: Sources) -> None:
                             "capital of France. Tokyo is the capital of Japan, where people speak Japanese."),
                             height=110, key="live_text_input")
         run = st.form_submit_button("Run", type="primary")
-    if run:
+    if run or "_live" not in st.session_state:  # the example text runs on the first visit
         st.session_state["_live_text"] = text
         st.session_state["_live"] = live.run(text)
-    res: LiveText | None = st.session_state.get("_live")
-    if res is None:
-        st.caption("Type or paste text and press Run.")
-        done("live")
-        return
+    res: LiveText = st.session_state["_live"]
     if res.cut:
         st.info(f"The text was cut to its first {MAX_LIVE_TOKENS} tokens ({res.cut:,} more were left out).")
     if not res.tokens:
@@ -845,7 +841,7 @@ def page_steer(store: FeatureStore, src: Sources) -> None:
     with st.form("steer_form", border=False):
         c = st.columns([1, 1.4, 1])
         feature = c[0].number_input("Feature", min_value=0, max_value=n - 1, value=int(idx or 0), step=1)
-        mult = c[1].slider("Multiplier", min_value=-20.0, max_value=20.0, value=4.0, step=0.5)
+        mult = c[1].slider("Multiplier", min_value=-20.0, max_value=20.0, value=2.0, step=0.5)
         n_tok = c[2].slider("New tokens", min_value=5, max_value=60, value=24, step=1)
         prompt = st.text_input("Prompt", value="My favourite place to visit is")
         go = st.form_submit_button("Generate", type="primary")

@@ -30,6 +30,7 @@ CSS = """<style>
 .sk-rel th {color: #888; font-weight: 500; font-size: 0.76rem;}
 .sk-rel td.n, .sk-rel th.n {text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums;}
 .sk-rel td.tok {color: #555; font-family: ui-monospace, monospace; font-size: 0.8rem;}
+.sk-grid .sk-rel td.tok {white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 0; width: 100%;}
 .sk-rel a {text-decoration: none; font-weight: 600;}
 .sk-rel tr.sk-r:hover {background: rgba(127,127,127,0.07);}
 .sk-mono {font-family: ui-monospace, monospace; font-size: 0.82rem;}
