@@ -782,8 +782,9 @@ def page_live(store: FeatureStore, src: Sources) -> None:
                             "capital of France. Tokyo is the capital of Japan, where people speak Japanese."),
                             height=110, key="live_text_input")
         run = st.form_submit_button("Run", type="primary")
-    if run or "_live" not in st.session_state:  # the example text runs on the first visit
-        st.session_state["_live_text"] = text
+    stale = st.session_state.get("_live_sae") != str(src.sae_dir)
+    if run or stale or "_live" not in st.session_state:  # the example text runs on the first visit
+        st.session_state["_live_text"], st.session_state["_live_sae"] = text, str(src.sae_dir)
         st.session_state["_live"] = live.run(text)
     res: LiveText = st.session_state["_live"]
     if res.cut:
