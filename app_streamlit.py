@@ -32,6 +32,7 @@ import streamlit as st
 from features.store import STORE_FILE, FeatureStore, Tag, Unit
 from features.viewer_html import (
     CSS,
+    concept_chip,
     example_html,
     histogram_html,
     logits_html,
@@ -632,21 +633,13 @@ def page_unit(store: FeatureStore, src: Sources, kind: str) -> None:
         if u.semantics is not None:
             parts.append(f"<div><b>{html.escape(u.semantics.cls)}</b>, score {_fmt(u.semantics.score, '.3f')}"
                          + (" · concepts found:" if u.semantics.concepts else "") + "</div>")
-            parts += [f'<span class="sk-chip">{html.escape(_concept(c))}</span>' for c in u.semantics.concepts]
+            parts += [concept_chip(c) for c in u.semantics.concepts]
         else:
             parts.append(f'<div class="sk-hint">Not scored yet; {hint}.</div>')
         st.html("".join(parts))
         _downloads(store, src, u)
     _related(store, u)
     done(f"{kind}-{idx}")
-
-
-def _concept(c: Any) -> str:
-    if isinstance(c, dict):
-        return " · ".join(f"{k}: {_fmt(v, '.2f') if isinstance(v, float) else v}" for k, v in c.items())
-    if isinstance(c, list | tuple):
-        return " · ".join(str(x) for x in c)
-    return str(c)
 
 
 def _related(store: FeatureStore, u: Unit) -> None:

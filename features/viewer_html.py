@@ -195,6 +195,19 @@ def tags_html(tags: Sequence[Tag]) -> str:
     return f'<table class="sk-rel">{head}{"".join(rows)}</table>'
 
 
+def concept_chip(c: object) -> str:
+    """One concept the labeler found, e.g. {"concept": "country.continent=Europe", "p": 0.8, ...}: its name and
+    p on the chip, every other field on hover."""
+    if isinstance(c, dict) and "concept" in c:
+        rest = " · ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
+                          if k != "concept")
+        p = c.get("p")
+        label = str(c["concept"]) + (f" · p {p:.2f}" if isinstance(p, float) else "")
+        return f'<span class="sk-chip" title="{html.escape(rest, quote=True)}">{html.escape(label)}</span>'
+    text = " · ".join(map(str, c)) if isinstance(c, list | tuple) else str(c)
+    return f'<span class="sk-chip">{html.escape(text)}</span>'
+
+
 def logits_html(title: str, pairs: Sequence[tuple[str, float]], colour: str) -> str:
     rows = "".join(f'<tr><td class="sk-mono">{token_text(t)}</td><td class="n" style="color:{colour}">{v:+.3f}</td>'
                    "</tr>" for t, v in pairs)

@@ -177,7 +177,7 @@ def test_feature_page(monkeypatch, tiny_run):
     assert "best tag <b>country.continent=Europe (F1 0.72)</b>" in page and "European capitals" in page
     assert "<b>country</b>" not in page and "<b>country.continent</b> = Europe" in page
     assert "0.930" in page and "+0.410 (confirmed)" in page and "France, Germany, Spain" in page
-    assert "concept: country.continent=Europe" in page
+    assert "country.continent=Europe" in page and 'title="share 0.7"' in page
     # related units are links to their pages, the decoder vector can be downloaded or copied
     assert re.search(r'href="\?page=feature&amp;id=\d+"', page) and re.search(r'href="\?page=neuron&amp;id=\d+"', page)
     labels = [b.label for b in at.get("download_button")]
