@@ -394,3 +394,19 @@ def test_live_model_directly(llama_run, tiny_llama_dir):
     assert plain == live.generate("The capital of France is", 8)  # greedy: deterministic
     assert live.generate("The capital of France is", 8, feature=f, strength=500.0) != plain
     assert live.run("x" * 2000, limit=10).cut > 0
+
+
+def test_bench_script_measures_pages(monkeypatch, tiny_run):
+    """scripts/bench_viewer.py's server-side part runs on any store (here the tiny one, one run per page)."""
+    import importlib.util
+
+    for name in ENV:  # the script sets SAEKIT_VIEW_STORE; restored after the test
+        monkeypatch.delenv(name, raising=False)
+
+    spec = importlib.util.spec_from_file_location("bench_viewer", Path(APP).parent / "scripts" / "bench_viewer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    script, apptest = bench.server_side(store_path(tiny_run / "saes" / "tiny-topk"), [3, 4], 1)
+    assert set(script) == {"overview", "overview_cold", "feature_page", "feature_page_cold", "filtered_list",
+                           "filtered_list_cold"} == set(apptest)
+    assert all(0 < script[k] <= apptest[k] for k in script)
