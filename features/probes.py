@@ -47,7 +47,7 @@ def _standardise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
     return (x_train - mean) / std, (x_test - mean) / std
 
 
-def fit_logreg(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-3, steps: int = 200) -> tuple[Tensor, Tensor]:
+def fit_logreg(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, steps: int = 200) -> tuple[Tensor, Tensor]:
     """Multinomial logistic regression, batched over independent problems.
 
     x: [G, N, d] standardised inputs (G problems), y: [N] classes. Minimises, per problem, mean cross-entropy +
@@ -133,7 +133,7 @@ class ProbeResult:
 
 
 def probe_suite(x: Tensor, y: Tensor, train: Tensor, test: Tensor, n_classes: int, *, sparse: bool, k: int = 8,
-                candidates: int = 16, l2: float = 1e-3, steps: int = 200) -> list[ProbeResult]:
+                candidates: int = 16, l2: float = 1e-2, steps: int = 200) -> list[ProbeResult]:
     """Held-out accuracy of the full probe (sparse=False) or of the 1-sparse and k-sparse probes (sparse=True)
     on x [N, d] with classes y [N]."""
     x = x.float()

@@ -132,7 +132,7 @@ class LabelConfig:
     min_auroc: float = 0.85
     test_fraction: float = 0.25  # held-out share of each value's entities for the probes
     probe_k: int = 8  # units in the k-sparse probe
-    probe_l2: float = 1e-3
+    probe_l2: float = 1e-2  # on standardised inputs; 1e-3..1e-1 give mean accuracies within 1%
     probe_steps: int = 200  # LBFGS iterations
     causal_tags: int = 24  # tags checked causally per kind (the best tag of each value, round-robin); 0: none
     causal_prompts: int = 8  # attribute prompts per checked tag
