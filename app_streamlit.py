@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -325,13 +326,19 @@ def page_overview(store: FeatureStore, src: Sources, path: str, stamp: tuple[int
     left, right = st.columns(2)
     with left:
         st.subheader("Firing frequency")
-        fired = both[both["freq"] > 0].assign(log_freq=lambda d: d["freq"].map(math.log10))
-        if len(fired):
-            chart = alt.Chart(fired).mark_bar(opacity=0.75).encode(
-                x=alt.X("log_freq:Q", bin=alt.Bin(maxbins=40), title="log10 firing frequency (share of tokens)"),
-                y=alt.Y("count():Q", title="units", stack=None),
+        fired = both[both["freq"] > 0]
+        if len(fired):  # binned here: 40 bars go to the browser, not one row per unit
+            logs = np.log10(fired["freq"].to_numpy(dtype=float))
+            edges = np.linspace(logs.min(), logs.max() + 1e-9, 41)
+            bars = pd.DataFrame([{"kind": kind, "from": lo, "to": hi, "units": int(n)}
+                                 for kind in ("feature", "neuron")
+                                 for lo, hi, n in zip(edges[:-1], edges[1:], np.histogram(
+                                     logs[(fired["kind"] == kind).to_numpy()], edges)[0], strict=True) if n])
+            chart = alt.Chart(bars).mark_rect(opacity=0.75).encode(
+                x=alt.X("from:Q", title="log10 firing frequency (share of tokens)"), x2="to:Q",
+                y=alt.Y("units:Q", title="units"), y2=alt.datum(0),
                 color=alt.Color("kind:N", scale=alt.Scale(domain=["feature", "neuron"], range=["#f08c00", "#1c7ed6"])),
-                tooltip=["kind:N", alt.Tooltip("count():Q", title="units")])
+                tooltip=["kind:N", alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "units:Q"])
             st.altair_chart(chart, width="stretch")
         dead = int((both["freq"] == 0).sum())
         st.caption(f"{dead:,} units never fired and are not shown." if dead else "Every unit fired at least once.")
@@ -362,12 +369,12 @@ def page_overview(store: FeatureStore, src: Sources, path: str, stamp: tuple[int
     with left:
         st.subheader("Monosemantic share: neurons vs features")
         rows = []
-        for kind in ("feature", "neuron"):
-            total = store.n_units(kind)
+        for kind, frame in (("feature", feats), ("neuron", neurons)):
+            counts = frame["semantic_class"].value_counts() if len(frame) else {}
             for cls in ("monosemantic", "polysemantic", "dead"):
-                c = store.count(kind=kind, semantic_class=cls) if total else 0
+                c = int(counts.get(cls, 0))
                 if c:
-                    rows.append({"kind": kind, "class": cls, "units": c, "share": c / total})
+                    rows.append({"kind": kind, "class": cls, "units": c, "share": c / len(frame)})
         if rows:
             chart = alt.Chart(pd.DataFrame(rows)).mark_bar().encode(
                 x=alt.X("share:Q", stack="normalize", axis=alt.Axis(format="%"), title="share of units"),
