@@ -477,6 +477,7 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
         for attr, reason in skipped.items():
             attributes.append(AttributeReport(es.entity_type, attr, len(rows), len(es.values(attr)),
                                               skipped=reason))
+            log(f"label: warning: skipping {es.entity_type}.{attr}: {reason}")
         todo: list[tuple[str, AttributeReport]] = []
         for attr in usable:
             column = [es.attributes[attr][i] for i in rows]
@@ -488,6 +489,7 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
                 rep.skipped = (f"fewer than 2 values with at least {cfg.min_class_size} entities "
                                f"(largest: {max(counts.values())}); too few entities share a value")
                 attributes.append(rep)
+                log(f"label: warning: skipping {rep.name}: {rep.skipped}")
                 continue
             todo.append((attr, rep))
         if not todo:
@@ -514,6 +516,7 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
                            neuron_hook if neurons else None)
             if rep.skipped:
                 attributes.append(rep)
+                log(f"label: warning: skipping {rep.name}: {rep.skipped}")
                 continue
             if keep_activations:
                 data[rep.name] = {"entity_type": es.entity_type, "rows": a.rows, "labels": a.labels,

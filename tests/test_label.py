@@ -242,6 +242,27 @@ def test_ablating_the_planted_feature_matches_a_manual_forward(tiny_case, tiny_m
     assert math.isclose(res.drop, sum(drops) / len(drops), abs_tol=1e-4)
 
 
+def test_max_pooling_over_entity_tokens(tiny_model):
+    """Two-token entities: `pooling: max` takes each unit's max over both tokens, `last` the last token."""
+    es = entity_set(24)
+    es.entities = [f"{e} ent{(i + 1) % 24}" for i, e in enumerate(es.entities)]
+    tok = word_tokenizer([f"ent{i}" for i in range(24)])
+    prompts = [encode_prompt(tok, es.context_template, e, 0) for e in es.entities]
+    assert all(p.span[1] - p.span[0] == 2 and p.span[1] == len(p.ids) for p in prompts)
+    sae = tiny_label_sae(tiny_model, es, tok)
+    spans = span_activations(tiny_model, prompts, [HOOK, "blocks.1.mlp.hook_post"], 8, Timer())
+    for pooling, pool in (("max", lambda t: t.max(0).values), ("last", lambda t: t[-1])):
+        cfg = LabelConfig(knowledge_filter=False, pooling=pooling, causal_tags=0, probe_steps=30, batch_size=8)
+        result = label(tiny_model, sae, [es], cfg, tokenizer=tok, keep_activations=True, log=lambda m: None)
+        data = result.data["thing"]
+        with torch.no_grad():
+            want = torch.stack([pool(sae.encode(s)) for s in spans[HOOK]])
+        assert torch.allclose(data["feature"], want, atol=1e-4)
+        want = torch.stack([pool(s) for s in spans["blocks.1.mlp.hook_post"]])
+        assert torch.allclose(data["neuron"], want, atol=1e-5)
+        assert data["names"] == es.entities
+
+
 def test_knowledge_filter_skips_an_attribute_the_model_does_not_know(tiny_model):
     names = [f"ent{i}" for i in range(30)]
     colours = ["red", "blue", "round", "shaped", "coloured"]
