@@ -32,8 +32,9 @@ with single neurons there heavily polysemantic. This module measures that for on
    `causal_controls` random units of the same kind, active at the same tokens on at least a quarter of those
    prompts, of similar firing frequency (features, within 3x) or similar activation size (neurons). The tag's
    `causal_effect` is the mean drop in log-probability (nats; positive = the unit supports the answer) and its
-   `causal_status` is "causal" when the drop is at least `causal_min_effect` and its z-score against the
-   controls is at least `causal_min_z`, else "correlational only". Feature tags are also steered: add
+   `causal_status` is "causal" when the drop is at least `causal_min_effect` (0.1 nats: the answer's probability
+   falls by about 10%) and its z-score against the controls is at least `causal_min_z` (2: outside the spread
+   of removing any co-active unit), else "correlational only". Feature tags are also steered: add
    activation x (decoder row of the best feature tagged with another value - this decoder row) and measure how
    far the log-odds of the other value against this one move.
 """
