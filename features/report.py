@@ -69,6 +69,12 @@ def headline(result: LabelResult, semantics: dict[str, Any] | None) -> dict[str,
         }
     out["full"] = {"probe": _mean([r.get("full") for r in probes.values()]),
                    "baseline": _mean([r.get("baseline") for r in probes.values()])}
+    if "neuron" in out:  # per attribute: do features beat neurons? (test sets are small; count, not just mean)
+        for key in ("1", "k"):
+            pairs = [(r.get(f"feature {key}"), r.get(f"neuron {key}")) for r in probes.values()]
+            pairs = [(f, n) for f, n in pairs if f is not None and n is not None]
+            out["full"][f"features_vs_neurons_{key}"] = [sum(f > n for f, n in pairs), sum(f == n for f, n in pairs),
+                                                         sum(f < n for f, n in pairs)]
     return out
 
 
@@ -105,7 +111,13 @@ def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta:
     row(f"mean {cfg['probe_k']}-sparse probe accuracy", lambda d: _pct(d["probe_k"]))
     lines.append(_table(["", *[f"{k}s" for k in kinds]], rows))
     lines += ["", f"Full linear probe on `{s['sae_hook']}` (all dimensions): mean accuracy "
-                  f"{_pct(h['full']['probe'])}; majority-class baseline {_pct(h['full']['baseline'])}.", ""]
+                  f"{_pct(h['full']['probe'])}; majority-class baseline {_pct(h['full']['baseline'])}."]
+    for key, name in (("1", "1-sparse"), ("k", f"{cfg['probe_k']}-sparse")):
+        wins = h["full"].get(f"features_vs_neurons_{key}")
+        if wins:
+            lines.append(f"{name} probes, per attribute: features better on {wins[0]}, tied on {wins[1]}, "
+                         f"worse on {wins[2]}.")
+    lines.append("")
     if "semantics" in plots:
         lines += [f"![monosemanticity]({plots['semantics']})", ""]
 
