@@ -91,9 +91,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_label(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from sae import pipeline
-
     from features.label import load_entities
+    from sae import pipeline
 
     folders = _sae_folders(cfg, args) if args.sae else None
     load_entities(cfg.label)  # a mistake in the entity files is reported before the model loads

@@ -44,10 +44,11 @@ def test_zero_sae_recovers_nothing(tiny_model):
 
 @pytest.mark.real
 def test_default_pipeline_on_the_real_model(tmp_path):
-    """`saekit run` on the embedded model and corpus: cache, train, export, evaluate."""
+    """`saekit run` on the embedded model and corpus: every stage, on small budgets."""
     cmd = [sys.executable, "-m", "sae.cli", "run", "--set", f"runs_dir={tmp_path}", "--set", "name=real",
            "--set", "corpus.max_sequences=240", "--set", "train.total_tokens=122880", "--set", "train.wandb=false",
-           "--set", "eval.sequences=8"]
+           "--set", "eval.sequences=8", "--set", "analyze.sequences=32", "--set", "label.max_entities=40",
+           "--set", "label.entity_types=[country]"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CE loss recovered" in proc.stdout
