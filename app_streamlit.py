@@ -525,7 +525,7 @@ def page_list(store: FeatureStore, src: Sources, notice: str | None = None) -> N
         "label": r.explanation or "", "open": f"?page={kind}&id={r.index}"} for r in rows])
     event = st.dataframe(
         df, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
-        key=f"ls_table_{kind}_{page}_{hash(tuple(state.items()))}",
+        key=f"ls_table_{kind}_{page}_{hash(tuple(state.items()))}", height=min(len(df), 20) * 35 + 38,
         column_config={"freq": st.column_config.NumberColumn(format="%.2e"),
                        "max act": st.column_config.NumberColumn(format="%.3g"),
                        "mean act": st.column_config.NumberColumn(format="%.3g"),

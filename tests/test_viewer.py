@@ -400,8 +400,8 @@ def test_bench_script_measures_pages(monkeypatch, tiny_run):
     """scripts/bench_viewer.py's server-side part runs on any store (here the tiny one, one run per page)."""
     import importlib.util
 
-    for name in ENV:  # the script sets SAEKIT_VIEW_STORE; restored after the test
-        monkeypatch.delenv(name, raising=False)
+    for name in ENV:  # the script sets SAEKIT_VIEW_STORE; setenv records the old state, so it is restored
+        monkeypatch.setenv(name, "")
 
     spec = importlib.util.spec_from_file_location("bench_viewer", Path(APP).parent / "scripts" / "bench_viewer.py")
     bench = importlib.util.module_from_spec(spec)

@@ -26,6 +26,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "viewer"
 WAIT_MS = 180_000  # a hang guard for a busy machine, not a speed requirement
+PlaywrightTimeout: type[Exception] = TimeoutError  # playwright's, once it is imported
 
 pytestmark = pytest.mark.real
 
@@ -40,7 +41,8 @@ def _free_port() -> int:
 def server(llama_run: Path) -> Iterator[str]:  # noqa: F811 - the imported fixture
     """The viewer served by `streamlit run` for the tiny Llama run; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "SAEKIT_VIEW_RUN": str(llama_run)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAEKIT_VIEW_")}
+    env["SAEKIT_VIEW_RUN"] = str(llama_run)
     log = (llama_run / "streamlit.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
@@ -64,11 +66,14 @@ def server(llama_run: Path) -> Iterator[str]:  # noqa: F811 - the imported fixtu
 
 
 @pytest.fixture(scope="module")
-def page(server: str) -> Iterator[object]:
+def page() -> Iterator[object]:
+    """Headless Chromium; skips (before any server starts) where Chromium or Playwright is missing."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"Chromium not found at {CHROMIUM}: run `sudo scripts/ensure_chromium.sh` (apt-get install "
                     "chromium), or set CHROMIUM to a Chromium binary")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    global PlaywrightTimeout
+    PlaywrightTimeout = sync_api.TimeoutError
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1440, "height": 1000})
@@ -96,11 +101,11 @@ def run_number(pg: object) -> int:
     return int(pg.evaluate("(document.querySelector('.sk-done') || {dataset: {run: '0'}}).dataset.run"))
 
 
-def wait_done(pg: object, tag: str | None = None, after: int = 0) -> None:
+def wait_done(pg: object, tag: str | None = None, after: int = 0, timeout: float = WAIT_MS) -> None:
     """Wait until a script run later than `after` has finished page `tag` (any page if None)."""
     want = "" if tag is None else f" && m.dataset.page === {tag!r}"
     pg.wait_for_function(f"(() => {{ const m = document.querySelector('.sk-done'); "
-                         f"return m && Number(m.dataset.run) > {after}{want}; }})()")
+                         f"return m && Number(m.dataset.run) > {after}{want}; }})()", timeout=timeout)
 
 
 def test_browse_search_open_and_live_text(page, server, llama_run):  # noqa: F811
@@ -128,10 +133,20 @@ def test_browse_search_open_and_live_text(page, server, llama_run):  # noqa: F81
     wait_done(pg, "list", after=before)
     assert "1 feature matches" in pg.inner_text("[data-testid=stMain]")
     shot(pg, "02-search")
+    # the grid draws on a canvas; its accessibility table says when the new row is in place
+    pg.wait_for_function("(() => { const c = document.querySelector('[data-testid=stDataFrame] "
+                         f"[data-testid=glide-cell-1-0]'); return c && c.textContent === '{tagged}'; }})()")
     grid = pg.locator("[data-testid=stDataFrame]").first.bounding_box()
-    before = run_number(pg)
-    pg.mouse.click(grid["x"] + 18, grid["y"] + 35 + 17)  # the first row's selection box, below the header
-    wait_done(pg, f"feature-{tagged}", after=before)
+    for _ in range(3):  # a click that lands while the grid is still laying out is dropped: click again
+        before = run_number(pg)
+        pg.mouse.click(grid["x"] + 18, grid["y"] + 35 + 17)  # the first row's selection box, below the header
+        try:
+            wait_done(pg, f"feature-{tagged}", after=before, timeout=20_000)
+            break
+        except PlaywrightTimeout:
+            continue
+    else:
+        pytest.fail("clicking the search result's row did not open its page")
 
     # 3. the feature page: highlighted examples with values on hover, tags with their scores
     assert pg.inner_text("h1") == f"Feature {tagged}"
