@@ -114,7 +114,7 @@ def lexical_classes(token: str, prev: str | None) -> list[str]:
         else:
             if low.endswith("s") and not low.endswith("ss"):
                 out.append("lex:-s")
-    return out or ["lex:other-word"]
+    return out  # a plain lower-case word gets no class: "any other word" is a remainder, not a concept
 
 
 class WordNet:

@@ -34,7 +34,7 @@ def test_lexical_classes():
     assert lexical_classes("\n", "x") == ["lex:whitespace"]
     assert lexical_classes("eng", " un") == ["lex:word-piece"]  # continues the previous token's word
     assert lexical_classes("ixed", " aff") == ["lex:word-piece", "lex:-ed"]  # the word it ends has the suffix
-    assert lexical_classes(" cat", " a") == ["lex:other-word"]
+    assert lexical_classes(" cat", " a") == []  # a plain word: no class (a remainder is not a concept)
 
 
 VOCAB = ["<0>", " the", " cat", " sat", " Kenya", ",", " is", " in", " Africa", "\n", " Peru"]
