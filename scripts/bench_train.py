@@ -35,6 +35,11 @@ Roofline: one batch's encoder matmul `x @ W_enc` (fp32 and bf16) alone, as token
 tokens/s is reported as a fraction of the faster of the two. That is the forward encoder matmul
 only, a bound no step that computes every pre-activation can beat.
 
+On a CPU shared with other jobs, give `--threads` the number of cores that are actually free:
+with more OpenMP threads than free cores, each parallel op waits for a preempted worker, which
+costs the sparse path (many small ops) far more than the dense ones (few large matmuls); the
+table's footer prints the load average so a reader can tell.
+
 `--profile` also times saekit's step phase by phase (forward, backward, parallel-gradient removal,
 Adam, zero_grad, decoder renorm, bookkeeping), lists the heaviest operators from torch.profiler,
 compares Adam implementations, and reports how many latents a batch touches (the ceiling on what a
@@ -49,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -457,7 +463,9 @@ def run(args: argparse.Namespace, data: Data) -> dict[str, dict[str, float]]:
           f"{data.held_out.shape[0]} held-out rows; {total_steps} steps = {total_steps * batch_size:,} tokens each; "
           f"d_sae {args.expansion * d}, k {args.k}, lr {args.lr}, device {device}, threads {torch.get_num_threads()}",
           file=sys.stderr)
+    load_before = os.getloadavg()[0]
     rates = train_interleaved(trainers, data.batches, total_steps, args.chunk_steps, device, progress=args.progress)
+    load_after = os.getloadavg()[0]
 
     figures: dict[str, dict[str, float]] = {"tokens_per_s": {}, "fvu": {}, "l0": {}}
     for t in trainers:
@@ -474,6 +482,8 @@ def run(args: argparse.Namespace, data: Data) -> dict[str, dict[str, float]]:
         ratio = f"{tps[name] / tps[fastest]:.2f}x" if fastest else "-"
         print(f"{name:<14} {tps[name]:>10,.0f} {figures['fvu'][name]:>13.4f} {figures['l0'][name]:>7.1f} {ratio:>18}")
 
+    print(f"({device}, {torch.get_num_threads()} torch threads; 1-min load average {load_before:.1f} before, "
+          f"{load_after:.1f} after training, on {os.cpu_count()} cores)")
     roof = encoder_roofline(data.batches[0], trainers[0].sae.W_enc.detach())  # type: ignore[attr-defined]
     best = max(roof.values())
     print(f"\nencoder-matmul roofline (forward x @ W_enc only, one batch): fp32 {roof['fp32']:,.0f} tokens/s, "
