@@ -377,9 +377,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     finally:
         bar.close()
         log.close()
-    if rank != 0:
-        return []
-    return [_export(cfg, m, readers) for m in members]
+    out = [_export(cfg, m, readers) for m in members] if rank == 0 else []
+    if world > 1:  # leave the group explicitly: gloo aborts a process that exits with it still open
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
 
 
 def _nan_error(step: int, what: str, ckpt: Path) -> SaekitError:
