@@ -212,7 +212,8 @@ class SAE(nn.Module):
         """Drop the W_dec gradient component along each row (before the step), so the step mostly rotates it."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-            self.W_dec.grad -= (self.W_dec.grad * unit).sum(1, keepdim=True) * unit
+            along = torch.einsum("ij,ij->i", self.W_dec.grad, unit).unsqueeze(1)  # no [d_sae, d] temporary
+            self.W_dec.grad.addcmul_(along, unit, value=-1.0)
 
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor, geometric_median: bool = False, iters: int = 100) -> None:

@@ -31,6 +31,9 @@ class SparseActs(NamedTuple):
     values: Tensor  # [nnz] float, differentiable
     cols: Tensor  # [nnz] int64 latent ids, row-major, sorted within each row
     crow: Tensor  # [n + 1] int64 row offsets
+    t_crow: Tensor  # [d_sae + 1] offsets of the latents x tokens transpose (shared by both backward passes)
+    t_rows: Tensor  # [nnz] token ids in latent-major order
+    order: Tensor  # [nnz] position of each transposed entry in the row-major arrays
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -43,13 +46,17 @@ def _rows(crow: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
 
 
-def _transpose(crow: Tensor, cols: Tensor, values: Tensor, d_sae: int) -> Tensor:
-    """The latents x tokens CSR of the pattern: one stable sort, then CSR @ dense beats CSC @ dense."""
-    n = crow.numel() - 1
+def _transpose_pattern(crow: Tensor, cols: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(t_crow, t_rows, order) of the latents x tokens CSR: one stable sort, done once per step,
+    because CSR @ dense beats CSC @ dense for both weight gradients."""
     order = torch.argsort(cols, stable=True)
     t_crow = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
     t_crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
-    return _csr(t_crow, _rows(crow)[order], values[order], (d_sae, n))
+    return t_crow, _rows(crow)[order], order
+
+
+def _transpose(t_crow: Tensor, t_rows: Tensor, order: Tensor, values: Tensor, n: int) -> Tensor:
+    return _csr(t_crow, t_rows, values[order], (t_crow.numel() - 1, n))
 
 
 def topk_pattern(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -93,7 +100,7 @@ class _SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,  # type: ignore[override]
-                k: int, batch_topk: bool, bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+                k: int, batch_topk: bool, bf16: bool) -> tuple[Tensor, ...]:
         xc = x if b_dec is None else x - b_dec
         if bf16:
             pre = torch.addmm(b_enc.bfloat16(), xc.bfloat16(), W_enc.bfloat16())
@@ -106,13 +113,14 @@ class _SparseEncode(torch.autograd.Function):
         else:
             values = pre.view(-1)[_rows(crow) * W_enc.shape[1] + cols]
         values = values.relu()
-        ctx.save_for_backward(xc, W_enc, crow, cols, values)
-        ctx.mark_non_differentiable(cols, crow)
-        return values, cols, crow
+        t_crow, t_rows, order = _transpose_pattern(crow, cols, W_enc.shape[1])
+        ctx.save_for_backward(xc, W_enc, crow, cols, values, t_crow, t_rows, order)
+        ctx.mark_non_differentiable(cols, crow, t_crow, t_rows, order)
+        return values, cols, crow, t_crow, t_rows, order
 
     @staticmethod
-    def backward(ctx, g_values: Tensor, _g_cols: Tensor, _g_crow: Tensor):  # type: ignore[override]
-        xc, W_enc, crow, cols, values = ctx.saved_tensors
+    def backward(ctx, g_values: Tensor, *_: Tensor):  # type: ignore[override]
+        xc, W_enc, crow, cols, values, t_crow, t_rows, order = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         g = g_values * (values > 0)
         g_latent = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)  # = grad of b_enc
@@ -120,7 +128,7 @@ class _SparseEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _csr(crow, cols, g, (xc.shape[0], d_sae)) @ W_enc.t()
         if ctx.needs_input_grad[1]:
-            grad_W = (_transpose(crow, cols, g, d_sae) @ xc).t()
+            grad_W = (_transpose(t_crow, t_rows, order, g, xc.shape[0]) @ xc).t()
         if ctx.needs_input_grad[3]:  # b_dec enters as -b_dec on every row: minus the column sums of grad_x
             grad_b_dec = -(W_enc @ g_latent)
         return grad_x, grad_W, g_latent, grad_b_dec, None, None, None
@@ -130,21 +138,22 @@ class _SparseDecode(torch.autograd.Function):
     """sum over chosen latents of value * W_dec row, as an embedding-bag; sparse backward."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, cols: Tensor, crow: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(values, cols, crow, W_dec)
+    def forward(ctx, values: Tensor, cols: Tensor, crow: Tensor, W_dec: Tensor,  # type: ignore[override]
+                t_crow: Tensor, t_rows: Tensor, order: Tensor) -> Tensor:
+        ctx.save_for_backward(values, cols, crow, W_dec, t_crow, t_rows, order)
         return F.embedding_bag(cols, W_dec, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
 
     @staticmethod
     def backward(ctx, g_out: Tensor):  # type: ignore[override]
-        values, cols, crow, W_dec = ctx.saved_tensors
+        values, cols, crow, W_dec, t_crow, t_rows, order = ctx.saved_tensors
         d_sae = W_dec.shape[0]
         g_values = grad_W = None
         if ctx.needs_input_grad[0]:
             pattern = _csr(crow, cols, torch.zeros_like(values), (g_out.shape[0], d_sae))
             g_values = torch.sparse.sampled_addmm(pattern, g_out.contiguous(), W_dec.t(), beta=0.0).values()
         if ctx.needs_input_grad[3]:
-            grad_W = _transpose(crow, cols, values, d_sae) @ g_out
-        return g_values, None, None, grad_W
+            grad_W = _transpose(t_crow, t_rows, order, values, g_out.shape[0]) @ g_out
+        return g_values, None, None, grad_W, None, None, None
 
 
 def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int,
@@ -154,13 +163,12 @@ def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
     b_dec is subtracted from x first (pass None for transcoders). Differentiable wrt W_enc, b_enc,
     b_dec and x through the chosen latents only.
     """
-    values, cols, crow = _SparseEncode.apply(x, W_enc, b_enc, b_dec, k, batch_topk, bf16)
-    return SparseActs(values, cols, crow)
+    return SparseActs(*_SparseEncode.apply(x, W_enc, b_enc, b_dec, k, batch_topk, bf16))
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor) -> Tensor:
     """acts @ W_dec without a dense activation matrix (add b_dec yourself)."""
-    return _SparseDecode.apply(acts.values, acts.cols, acts.crow, W_dec)
+    return _SparseDecode.apply(acts.values, acts.cols, acts.crow, W_dec, acts.t_crow, acts.t_rows, acts.order)
 
 
 @functools.cache

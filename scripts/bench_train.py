@@ -69,7 +69,7 @@ from torch import Tensor
 from sae.architectures import SAE, SAEConfig, build_sae
 from sae.cache import CacheReader
 from sae.errors import SaekitError
-from sae.train import _lr_at, _scale
+from sae.train import _lr_at, _scale, make_optimizer
 
 DEFAULT_CACHE = Path("runs/bench/cache/blocks.6.hook_mlp_out")
 BUILD_CMD = "saekit cache --set name=bench --set corpus.max_sequences=2000"
@@ -155,7 +155,7 @@ class SaekitTrainer(Trainer):
         torch.manual_seed(s.seed)
         self.sae: SAE = build_sae(cfg).to(s.device)
         self.sae.init_b_dec(first)  # train.py: the data's mean (of scaled activations)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=sched.lr, betas=(0.9, 0.999))
+        self.opt = make_optimizer(list(self.sae.parameters()), sched.lr)  # train.py's optimiser
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=s.device)
 
     def step(self, x: Tensor, step: int, timer: Callable[[str], None] | None = None) -> None:
