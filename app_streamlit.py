@@ -318,7 +318,9 @@ def page_overview(store: FeatureStore, src: Sources, path: str, stamp: tuple[int
     if "neuron" in units:
         n = units["neuron"]
         st.caption(f"MLP neurons of the same layer (`{store.meta['analysis'].get('neuron_hook')}`): {n['total']:,} — "
-                   f"{n['live']:,} live, {n['dead']:,} dead, {n['dense']:,} dense.")
+                   f"{n['live']:,} live, {n['dead']:,} dead, {n['dense']:,} dense"
+                   + (" (gated neurons are > 0 on a large share of tokens, so all count as dense; compare them with "
+                      "features by monosemanticity below)." if n["dense"] == n["total"] else "."))
 
     feats = unit_frame(path, stamp, "feature")
     neurons = unit_frame(path, stamp, "neuron")

@@ -14,10 +14,11 @@ with single neurons there heavily polysemantic. This module measures that for on
    activation is read at the entity's last token (`pooling: last`) or max-pooled over its tokens (`max`), for
    every SAE feature and every neuron (`blocks.L.mlp.hook_post`). For every unit and every value:
    precision, recall and F1 of "the unit is on" against "the entity has the value", AUROC of the activation,
-   and the support (known entities with the value). "On" is "fires" (activation > 0) for a feature; a neuron is
-   never off in that sense (SiLU-gated activations are nonzero almost everywhere), so it gets the threshold that
-   maximises its F1 for that value -- the most generous choice for neurons, which makes "features beat neurons"
-   a conservative comparison. All of it is a few matrix products and one sort per attribute.
+   and the support (known entities with the value). A neuron is never off in the "fires" sense (SiLU-gated
+   activations are nonzero almost everywhere), so "on" is "above the threshold that maximises the unit's F1 for
+   that value", and by default features get the same rule, so features and neurons are compared like for like
+   (`feature_on: fires` uses activation > 0 for features instead). All of it is a few matrix products and one
+   sort per attribute.
 3. Tags: a unit is tagged with a value when F1 >= `min_f1` (0.6: it fires on most of the value's entities and
    mostly on them), AUROC >= `min_auroc` (0.85: its activation ranks the value's entities far above the rest,
    which an always-on unit of a majority value cannot fake -- F1 alone can be 0.87 for such a unit when 77% of
@@ -530,7 +531,8 @@ def label(model: HookedTransformer, sae: SAE, entity_sets: list[EntitySet], cfg:
             with timer("scores"):
                 for kind in kinds:
                     m = units[kind][a.rows].T.contiguous()  # [U, N]
-                    sc = firing_scores(m, y) if kind == "feature" else best_f1_scores(m, y)
+                    fires = kind == "feature" and cfg.feature_on == "fires"
+                    sc = firing_scores(m, y) if fires else best_f1_scores(m, y)
                     pairs = select_tags(sc, cfg.min_f1, cfg.min_auroc, cfg.min_positives)
                     rep.n_tags[kind] = len(pairs)
                     rep.best[kind] = _best_per_value(sc, values, kind)

@@ -89,9 +89,10 @@ def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta:
                  f"({s['n_features']:,} features)" + (f"; neurons: `{s['neuron_hook']}` ({s['n_neurons']:,})"
                                                       if s.get("neuron_hook") else "") + ".")
     where = "last token" if cfg["pooling"] == "last" else "tokens, max-pooled"
+    on = ("features fire, neurons above their best-F1 threshold" if cfg.get("feature_on") == "fires"
+          else "above the unit's best-F1 threshold, features and neurons alike")
     lines.append(f"Entity activations at the entity's {where} of its context prompt; tags need F1 ≥ {cfg['min_f1']}, "
-                 f"AUROC ≥ {cfg['min_auroc']} over ≥ "
-                 f"{cfg['min_positives']} known entities (features: \"fires\"; neurons: their best-F1 threshold). "
+                 f"AUROC ≥ {cfg['min_auroc']} over ≥ {cfg['min_positives']} known entities (\"on\": {on}). "
                  f"Labeling took {result.timings.get('total', 0):.0f}s, {result.timings.get('forward', 0):.0f}s of "
                  "it in model forward passes.")
     lines += ["", "## Headline", ""]

@@ -128,6 +128,8 @@ class LabelConfig:
     batch_size: int = 64  # prompts per forward pass
     min_class_size: int = 5  # a value needs this many known entities to be scored or probed
     min_positives: int = 10  # ... and this many to be tagged
+    feature_on: Literal["best_f1", "fires"] = "best_f1"  # "on" for a feature: above its best-F1 threshold, the
+    # rule neurons get (a like-for-like comparison), or any firing (activation > 0)
     min_f1: float = 0.6
     min_auroc: float = 0.85
     test_fraction: float = 0.25  # held-out share of each value's entities for the probes

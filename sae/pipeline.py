@@ -132,6 +132,9 @@ def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fa
             units = store.summary()["units"]
         counts = " | ".join(f"{kind}s: {c['live']:,} live, {c['dead']:,} dead, {c['dense']:,} dense"
                             for kind, c in units.items())
+        if "neuron" in units and units["neuron"]["dense"] == units["neuron"]["total"]:
+            counts += " (SiLU-gated neurons are > 0 on a large share of tokens: judge them by monosemanticity)"
+
         how = f"built in {time.perf_counter() - t0:.0f}s" if built else "up to date"
         say(f"feature store {path} ({how}): {counts}")
         paths.append(path)

@@ -415,3 +415,21 @@ def test_real_model_knows_continents_and_probes_read_them(real_model):
     assert result.timings["forward"] / result.timings["total"] > 0.5
     for c in result.causal:
         assert c.drop is None or math.isfinite(c.drop)
+
+
+@pytest.mark.parametrize("feature_on", ["best_f1", "fires"])
+def test_feature_on_rule(tiny_model, feature_on):
+    """A feature on for every entity but twice as strong on the red ones: its best-F1 threshold separates the
+    colours (tagged); "fires" sees it on everywhere (precision 0.5, F1 0.67 < 0.7: not tagged)."""
+    es = entity_set()
+    tok = word_tokenizer(es.entities)
+    sae = tiny_label_sae(tiny_model, es, tok)
+    with torch.no_grad():
+        sae.W_enc[:, 1] = sae.W_enc[:, 0]
+        sae.b_enc[1] = 100.0  # pre-activation ~150 on red, ~50 on blue: always among the top k, always > 0
+    cfg = LabelConfig(knowledge_filter=False, min_positives=10, min_f1=0.7, causal_tags=0, probe_steps=20,
+                      batch_size=8, feature_on=feature_on)
+    result = label(tiny_model, sae, [es], cfg, tokenizer=tok, log=lambda m: None, neurons=False)
+    tagged = {(t.index, t.value) for t in result.tags if t.kind == "feature"}
+    assert (0, "red") in tagged
+    assert ((1, "red") in tagged) == (feature_on == "best_f1")
