@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,13 +126,19 @@ def _clone_cache(cfg, tmp_path, name):
     shutil.copytree(cfg.run_dir / "cache", tmp_path / "runs" / name / "cache")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_equal_one(tiny_model, tmp_path):
     """DDP over 2 gloo processes, each reading half of every global batch, matches one process."""
     cfg, data = make_run(tmp_path, tiny_model, name="base", overrides={"total_tokens": 256 * 30})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, launcher in (("single", [sys.executable, "-m", "sae.cli"]),
                            ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", "29571", "-m", "sae.cli"])):
+                                    "--master_port", str(_free_port()), "-m", "sae.cli"])):
         _clone_cache(cfg, tmp_path, name)
         path = _write_cfg(tmp_path, data, name)
         proc = subprocess.run(launcher + ["train", "--config", str(path)], env=env, capture_output=True, text=True)
