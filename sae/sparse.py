@@ -100,7 +100,7 @@ class _SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,  # type: ignore[override]
-                k: int, batch_topk: bool, bf16: bool) -> tuple[Tensor, ...]:
+                k: int, batch_topk: bool, bf16: bool, for_backward: bool) -> tuple[Tensor, ...]:
         xc = x if b_dec is None else x - b_dec
         if bf16:
             pre = torch.addmm(b_enc.bfloat16(), xc.bfloat16(), W_enc.bfloat16())
@@ -113,7 +113,10 @@ class _SparseEncode(torch.autograd.Function):
         else:
             values = pre.view(-1)[_rows(crow) * W_enc.shape[1] + cols]
         values = values.relu()
-        t_crow, t_rows, order = _transpose_pattern(crow, cols, W_enc.shape[1])
+        if for_backward:  # the transposed pattern serves only the weight gradients
+            t_crow, t_rows, order = _transpose_pattern(crow, cols, W_enc.shape[1])
+        else:
+            t_crow = t_rows = order = cols.new_empty(0)
         ctx.save_for_backward(xc, W_enc, crow, cols, values, t_crow, t_rows, order)
         ctx.mark_non_differentiable(cols, crow, t_crow, t_rows, order)
         return values, cols, crow, t_crow, t_rows, order
@@ -131,7 +134,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_W = (_transpose(t_crow, t_rows, order, g, xc.shape[0]) @ xc).t()
         if ctx.needs_input_grad[3]:  # b_dec enters as -b_dec on every row: minus the column sums of grad_x
             grad_b_dec = -(W_enc @ g_latent)
-        return grad_x, grad_W, g_latent, grad_b_dec, None, None, None
+        return grad_x, grad_W, g_latent, grad_b_dec, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -152,6 +155,8 @@ class _SparseDecode(torch.autograd.Function):
             pattern = _csr(crow, cols, torch.zeros_like(values), (g_out.shape[0], d_sae))
             g_values = torch.sparse.sampled_addmm(pattern, g_out.contiguous(), W_dec.t(), beta=0.0).values()
         if ctx.needs_input_grad[3]:
+            if order.numel() != cols.numel():  # encoded without grad, decoded with it
+                t_crow, t_rows, order = _transpose_pattern(crow, cols, d_sae)
             grad_W = _transpose(t_crow, t_rows, order, values, g_out.shape[0]) @ g_out
         return g_values, None, None, grad_W, None, None, None
 
@@ -163,7 +168,7 @@ def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
     b_dec is subtracted from x first (pass None for transcoders). Differentiable wrt W_enc, b_enc,
     b_dec and x through the chosen latents only.
     """
-    return SparseActs(*_SparseEncode.apply(x, W_enc, b_enc, b_dec, k, batch_topk, bf16))
+    return SparseActs(*_SparseEncode.apply(x, W_enc, b_enc, b_dec, k, batch_topk, bf16, torch.is_grad_enabled()))
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor) -> Tensor:
