@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from features.store import STORE_FILE, FeatureStore, Tag, Unit
+from features.store import STORE_FILE, FeatureStore, Tag, Unit, density_note
 from features.viewer_html import (
     CSS,
     concept_chip,
@@ -319,8 +319,7 @@ def page_overview(store: FeatureStore, src: Sources, path: str, stamp: tuple[int
         n = units["neuron"]
         st.caption(f"MLP neurons of the same layer (`{store.meta['analysis'].get('neuron_hook')}`): {n['total']:,} — "
                    f"{n['live']:,} live, {n['dead']:,} dead, {n['dense']:,} dense"
-                   + (" (gated neurons are > 0 on a large share of tokens, so all count as dense; compare them with "
-                      "features by monosemanticity below)." if n["dense"] == n["total"] else "."))
+                   + (f" ({note})." if (note := density_note(n)) else "."))
 
     feats = unit_frame(path, stamp, "feature")
     neurons = unit_frame(path, stamp, "neuron")

@@ -300,6 +300,15 @@ def _pairs(text: str | None) -> list[tuple[int, float]]:
     return [(int(i), float(v)) for i, v in json.loads(text)] if text else []
 
 
+def density_note(counts: dict[str, int]) -> str:
+    """Why a kind's counts read "all dense", or "": gated MLP neurons are > 0 on a large share of tokens, so
+    "fires" (activation > 0) says little about them; their monosemanticity is the comparison that does."""
+    if counts.get("total") and counts.get("dense") == counts["total"]:
+        return ("all count as dense: gated MLP neurons are > 0 on a large share of tokens, so judge them by "
+                "monosemanticity")
+    return ""
+
+
 class FeatureStore:
     """Typed queries over one features.db. Open with `FeatureStore.open(path)` (read-only unless writable)."""
 

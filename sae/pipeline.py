@@ -118,7 +118,7 @@ def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fa
                   sae_folders: list[Path] | None = None) -> list[Path]:
     """Analyse every SAE's features and its layer's neurons into saes/<id>/features.db (skipped when current)."""
     from features.analyze import run_analysis, select_tokens
-    from features.store import FeatureStore
+    from features.store import FeatureStore, density_note
 
     splits = prepare_tokens(cfg, model)
     n_tokens = select_tokens(splits, cfg.analyze)[0].numel()
@@ -131,10 +131,7 @@ def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fa
         with FeatureStore.open(path) as store:
             units = store.summary()["units"]
         counts = " | ".join(f"{kind}s: {c['live']:,} live, {c['dead']:,} dead, {c['dense']:,} dense"
-                            for kind, c in units.items())
-        if "neuron" in units and units["neuron"]["dense"] == units["neuron"]["total"]:
-            counts += " (SiLU-gated neurons are > 0 on a large share of tokens: judge them by monosemanticity)"
-
+                            + (f" ({note})" if (note := density_note(c)) else "") for kind, c in units.items())
         how = f"built in {time.perf_counter() - t0:.0f}s" if built else "up to date"
         say(f"feature store {path} ({how}): {counts}")
         paths.append(path)

@@ -19,6 +19,7 @@ from features.store import (
     Probe,
     Semantics,
     Tag,
+    density_note,
     store_path,
     write_store,
 )
@@ -286,3 +287,9 @@ def test_cli_analyze_and_export(tmp_path, tiny_llama_dir, capsys):
     save_sae(other, tmp_path / "foreign", metadata={"context_size": 32, "prepend_bos": False})
     assert main(["analyze", "--config", str(path), "--sae", str(tmp_path / "foreign")]) == 2
     assert "model mismatch" in capsys.readouterr().err
+
+
+def test_density_note_only_when_every_unit_is_dense():
+    assert "monosemanticity" in density_note({"total": 4, "live": 0, "dead": 0, "dense": 4})
+    assert density_note({"total": 4, "live": 3, "dead": 0, "dense": 1}) == ""
+    assert density_note({"total": 0, "live": 0, "dead": 0, "dense": 0}) == ""
