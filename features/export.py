@@ -1,6 +1,6 @@
 """Exports of a feature store for other tools: Parquet tables, Neuronpedia-style JSON batches, and a portable
-"feature dictionary" bundle (the SAE-Lens directory + features.db + README.json) that SAE-Lens and sqlite3
-alone can read.
+"feature dictionary" bundle (the SAE-Lens directory + the store file + README.json) that SAE-Lens and sqlite3
+alone can read. Every export takes the store file's path; where it lies is the caller's business.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.store import STORE_FILE, TABLE_DOCS, FeatureStore, Unit, store_path
+from features.store import KINDS, LABELER_TABLES, TABLE_DOCS, FeatureStore, Kind, Unit
 from sae.errors import SaekitError
+from sae.formats import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
+from sae.hooks import hook_layer
 from sae.io import atomic_write, atomic_write_json
 
 FORMATS = ("parquet", "neuronpedia", "bundle")
 BUNDLE_FORMAT = "saekit-feature-dictionary"
 BUNDLE_VERSION = 1
-SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "eval.json")
+SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, "eval.json")  # eval.json: the run's metrics, if any
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
@@ -82,25 +84,25 @@ def _unit_rows(u: Unit, out: dict[str, list[dict[str, Any]]]) -> None:
                                    "other_index": idx, "value": value})
 
 
-def export_parquet(db: Path, out_dir: Path) -> list[Path]:
+def export_parquet(store: Path, out_dir: Path) -> list[Path]:
     """One Parquet file per table: units, examples, intervals, logits, related, plus the labeler's tables and
     meta (key, JSON value). Lists stay lists (tokens, acts), so pandas/polars/DuckDB read them directly."""
     out_dir = Path(out_dir)
     written = []
-    with FeatureStore.open(db) as store:
+    with FeatureStore.open(store) as fs:
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in PARQUET_SCHEMAS}
-        for kind in ("feature", "neuron"):
-            if store.n_units(kind):
-                for u in store.iter_units(kind):
+        for kind in KINDS:
+            if fs.n_units(kind):
+                for u in fs.iter_units(kind):
                     _unit_rows(u, rows)
         for name, schema in PARQUET_SCHEMAS.items():
             written.append(_write_parquet(out_dir / f"{name}.parquet", rows[name], schema))
-        for table in ("tags", "semantics", "probes", "explanations"):
-            cur = store.con.execute(f"SELECT * FROM {table}")
+        for table in LABELER_TABLES:
+            cur = fs.con.execute(f"SELECT * FROM {table}")
             cols = [c[0] for c in cur.description]
             data = [dict(zip(cols, r, strict=True)) for r in cur]
-            written.append(_write_parquet(out_dir / f"{table}.parquet", data, _sql_schema(store, table)))
-        meta = [{"key": k, "value": json.dumps(v)} for k, v in store.meta.items()]
+            written.append(_write_parquet(out_dir / f"{table}.parquet", data, _sql_schema(fs, table)))
+        meta = [{"key": k, "value": json.dumps(v)} for k, v in fs.meta.items()]
         written.append(_write_parquet(out_dir / "meta.parquet", meta,
                                       pa.schema([("key", pa.string()), ("value", pa.string())])))
     return written
@@ -163,20 +165,19 @@ def neuronpedia_feature(u: Unit, n_tokens: int, n_sequences: int, context_size: 
     }
 
 
-def export_neuronpedia(db: Path, out_dir: Path, kind: str = "feature", batch_size: int = 128) -> list[Path]:
+def export_neuronpedia(store: Path, out_dir: Path, kind: Kind = "feature", batch_size: int = 128) -> list[Path]:
     """Neuronpedia-style JSON batches (`batch-N.json`, `batch_size` units each): per unit top activations and
     interval examples (bin_min / bin_max / bin_contains; top activations use bin_min = bin_contains = -1),
     positive/negative logits, frequency and logit histograms, frac_nonzero, correlated neurons, explanations."""
     out_dir = Path(out_dir)
     written: list[Path] = []
-    with FeatureStore.open(db) as store:
-        if not store.n_units(kind):
+    with FeatureStore.open(store) as fs:
+        if not fs.n_units(kind):
             raise SaekitError(f"this store has no {kind}s to export")
-        m = store.meta
+        m = fs.meta
         a = m["analysis"]
         dataset = (m.get("run_config") or {}).get("corpus", {}).get("source", "")
-        layer = int(a["sae_hook"].split(".")[1])
-        header = {"model_id": m.get("model_name"), "layer": layer,
+        header = {"model_id": m.get("model_name"), "layer": hook_layer(a["sae_hook"]),
                   "sae_set": m.get("sae_id") if kind == "feature" else f"{a['neuron_hook']}-neurons"}
         batch: list[dict[str, Any]] = []
 
@@ -185,7 +186,7 @@ def export_neuronpedia(db: Path, out_dir: Path, kind: str = "feature", batch_siz
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps({**header, "features": batch})))
             written.append(path)
 
-        for u in store.iter_units(kind):
+        for u in fs.iter_units(kind):
             batch.append(neuronpedia_feature(u, m["n_tokens"], m["n_sequences"], a["context_size"], dataset))
             if len(batch) == batch_size:
                 flush()
@@ -207,15 +208,14 @@ def _copy_db(src: Path, dst: Path) -> None:
         target.close()
 
 
-def export_bundle(sae_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write the portable feature dictionary at `out_dir`: the SAE-Lens files, features.db and README.json, one
-    flat folder that `sae_lens.SAE.load_from_disk(out_dir)` and `sqlite3.connect(out_dir / 'features.db')`
-    read directly. Built in a temporary folder and renamed into place."""
-    sae_dir, out_dir = Path(sae_dir), Path(out_dir)
-    db = store_path(sae_dir)
-    with FeatureStore.open(db) as store:
-        summary = store.summary()
-        schema_version = store.meta["schema_version"]
+def export_bundle(sae_dir: Path, store: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write the portable feature dictionary at `out_dir`: the SAE-Lens files of `sae_dir`, the store (under its
+    own file name) and README.json, one flat folder that `sae_lens.SAE.load_from_disk(out_dir)` and
+    `sqlite3.connect(out_dir / store.name)` read directly. Built in a temporary folder and renamed into place."""
+    sae_dir, store, out_dir = Path(sae_dir), Path(store), Path(out_dir)
+    with FeatureStore.open(store) as fs:
+        summary = fs.summary()
+        schema_version = fs.meta["schema_version"]
     if out_dir.exists() and not overwrite:
         raise SaekitError(f"{out_dir} already exists; choose another --out or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -226,36 +226,46 @@ def export_bundle(sae_dir: Path, out_dir: Path, overwrite: bool = False) -> Path
             if (sae_dir / name).is_file():
                 shutil.copyfile(sae_dir / name, tmp / name)
                 files.append(name)
-        _copy_db(db, tmp / STORE_FILE)
-        sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
-        meta = sae_cfg.get("metadata", {})
-        atomic_write_json(tmp / "README.json", {
-            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sae": {"files": files, "architecture": sae_cfg.get("architecture"), "d_in": sae_cfg.get("d_in"),
-                    "d_sae": sae_cfg.get("d_sae"), "model_name": meta.get("model_name"),
-                    "hook_name": meta.get("hook_name"),
-                    "load_with_sae_lens": "from sae_lens import SAE; sae = SAE.load_from_disk('<this folder>')",
-                    "load_with_saekit": "from sae.export import load_sae; sae = load_sae('<this folder>')"},
-            "features_db": {"file": STORE_FILE, "schema_version": schema_version, "tables": TABLE_DOCS,
-                            "open_with_sqlite3": "sqlite3.connect('<this folder>/features.db')",
-                            "open_with_saekit": "from features.store import FeatureStore; "
-                                                "FeatureStore.open('<this folder>/features.db')",
-                            "example_query": "SELECT idx, freq, max_act, top_tokens FROM units WHERE kind = "
-                                             "'feature' AND status = 'live' ORDER BY max_act DESC LIMIT 10"},
-            "summary": {k: summary[k] for k in ("units", "n_tokens", "n_sequences", "sae_id", "model_name", "hook",
-                                                "eval")},
-        })
+        _copy_db(store, tmp / store.name)
+        sae_cfg = json.loads((sae_dir / CFG_FILE).read_text())
+        atomic_write_json(tmp / "README.json", _readme(sae_cfg, files, store.name, schema_version, summary))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
+
+def _readme(sae_cfg: dict[str, Any], files: list[str], db_name: str, schema_version: int,
+            summary: dict[str, Any]) -> dict[str, Any]:
+    """README.json: what the bundle holds and how to open it without saekit."""
+    meta = sae_cfg.get("metadata", {})
+    return {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sae": {"files": files, "architecture": sae_cfg.get("architecture"), "d_in": sae_cfg.get("d_in"),
+                "d_sae": sae_cfg.get("d_sae"), "model_name": meta.get("model_name"),
+                "hook_name": meta.get("hook_name"),
+                "load_with_sae_lens": "from sae_lens import SAE; sae = SAE.load_from_disk('<this folder>')",
+                "load_with_saekit": "from sae.formats import load_sae; sae = load_sae('<this folder>')"},
+        "features_db": {"file": db_name, "schema_version": schema_version, "tables": TABLE_DOCS,
+                        "open_with_sqlite3": f"sqlite3.connect('<this folder>/{db_name}')",
+                        "open_with_saekit": "from features.store import FeatureStore; "
+                                            f"FeatureStore.open('<this folder>/{db_name}')",
+                        "example_query": "SELECT idx, freq, max_act, top_tokens FROM units WHERE kind = "
+                                         "'feature' AND status = 'live' ORDER BY max_act DESC LIMIT 10"},
+        "summary": {k: summary[k] for k in ("units", "n_tokens", "n_sequences", "sae_id", "model_name", "hook",
+                                            "eval")},
+    }
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder `tmp` to `out_dir`, moving an existing one aside first and then deleting it."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

@@ -1,6 +1,9 @@
 """The labeler's report: `label.md` (headline table, knowledge filter, probes, tags, causal checks, skipped
 attributes, monosemanticity), `label.json` (the same numbers, machine-readable) and PNG plots, all written
-atomically into one folder (`runs/<name>/reports/<sae-id>/`)."""
+atomically into one folder the caller names.
+
+It sits above `features.labeling` and reads only the labeler's results, so labeling never depends on how its
+findings are presented."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from features.label import LabelResult
+from features.labeling import AttributeReport, CausalResult, LabelOutcome, LabelResult
+from features.store import KINDS, Kind, Tag
 from sae.io import atomic_write_bytes, atomic_write_text
 
 PLOTS = {"semantics": "label-semantics.png", "probes": "label-probes.png", "causal": "label-causal.png",
@@ -48,14 +52,17 @@ def probe_table(result: LabelResult) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _kinds(result: LabelResult) -> list[Kind]:
+    """The kinds the labeler scored: neurons only when their hook was labeled."""
+    return list(KINDS) if result.settings.get("neuron_hook") else ["feature"]
+
+
 def headline(result: LabelResult, semantics: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """The numbers of the headline table, per kind."""
+    """The numbers of the headline table, per kind, and under "full" the full probe and features vs neurons."""
     probes = probe_table(result)
     scored = [a for a in result.attributes if not a.skipped]
     out: dict[str, dict[str, Any]] = {}
-    for kind in ("feature", "neuron"):
-        if kind == "neuron" and not result.settings.get("neuron_hook"):
-            continue
+    for kind in _kinds(result):
         tags = [t for t in result.tags if t.kind == kind]
         tested = [c for c in result.causal if c.kind == kind and c.status != "not tested"]
         sem = (semantics or {}).get(kind) or {}
@@ -78,12 +85,12 @@ def headline(result: LabelResult, semantics: dict[str, Any] | None) -> dict[str,
     return out
 
 
-def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta: dict[str, Any],
-                    plots: dict[str, str]) -> str:
-    s = result.settings
-    cfg = s["label_config"]
-    kinds = ["feature", "neuron"] if s.get("neuron_hook") else ["feature"]
-    h = headline(result, semantics)
+# ---------------------------------------------------------------------------------------------
+# label.md, one function per section
+
+
+def _md_intro(result: LabelResult, meta: dict[str, Any]) -> list[str]:
+    s, cfg = result.settings, result.settings["label_config"]
     lines = [f"# Entity-attribute labels: {meta.get('sae_id', 'SAE')}", ""]
     lines.append(f"Model `{meta.get('model_name', '?')}`, SAE `{meta.get('sae_id', '?')}` on `{s['sae_hook']}` "
                  f"({s['n_features']:,} features)" + (f"; neurons: `{s['neuron_hook']}` ({s['n_neurons']:,})"
@@ -95,7 +102,12 @@ def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta:
                  f"AUROC ≥ {cfg['min_auroc']} over ≥ {cfg['min_positives']} known entities (\"on\": {on}). "
                  f"Labeling took {result.timings.get('total', 0):.0f}s, {result.timings.get('forward', 0):.0f}s of "
                  "it in model forward passes.")
-    lines += ["", "## Headline", ""]
+    return lines
+
+
+def _md_headline(result: LabelResult, semantics: dict[str, Any] | None, plots: dict[str, str]) -> list[str]:
+    s, cfg, kinds = result.settings, result.settings["label_config"], _kinds(result)
+    h = headline(result, semantics)
     rows = []
 
     def row(name: str, fmt: Any) -> None:
@@ -110,7 +122,7 @@ def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta:
     row("tags causal / checked", lambda d: f"{d['causal']} / {d['tested']}")
     row("mean 1-sparse probe accuracy", lambda d: _pct(d["probe_1"]))
     row(f"mean {cfg['probe_k']}-sparse probe accuracy", lambda d: _pct(d["probe_k"]))
-    lines.append(_table(["", *[f"{k}s" for k in kinds]], rows))
+    lines = ["", "## Headline", "", _table(["", *[f"{k}s" for k in kinds]], rows)]
     lines += ["", f"Full linear probe on `{s['sae_hook']}` (all dimensions): mean accuracy "
                   f"{_pct(h['full']['probe'])}; majority-class baseline {_pct(h['full']['baseline'])}."]
     for key, name in (("1", "1-sparse"), ("k", f"{cfg['probe_k']}-sparse")):
@@ -121,48 +133,55 @@ def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta:
     lines.append("")
     if "semantics" in plots:
         lines += [f"![monosemanticity]({plots['semantics']})", ""]
+    return lines
 
-    # -- knowledge filter
-    lines += ["## Knowledge filter", "",
-              f"An entity is kept for an attribute when the first token of its correct value has the highest "
-              f"next-token log-probability among the attribute's values (mean over {cfg['templates']} "
-              "template(s)).", ""]
-    krows = []
+
+def _md_knowledge(result: LabelResult, plots: dict[str, str]) -> list[str]:
+    cfg = result.settings["label_config"]
+    lines = ["## Knowledge filter", "",
+             f"An entity is kept for an attribute when the first token of its correct value has the highest "
+             f"next-token log-probability among the attribute's values (mean over {cfg['templates']} "
+             "template(s)).", ""]
+    rows = []
     for a in result.attributes:
         if a.n_known is None:
             continue
-        krows.append([a.name, a.n_entities, a.n_known, _pct(a.kept_fraction), len(a.values),
-                      ", ".join(f"{v} ({n})" for v, n in a.dropped_values[:6]) + (" …" if len(a.dropped_values) > 6
-                                                                                   else ""),
-                      "; ".join("/".join(c) for c in a.collisions[:4])])
+        dropped = ", ".join(f"{v} ({n})" for v, n in a.dropped_values[:6]) + (" …" if len(a.dropped_values) > 6
+                                                                               else "")
+        rows.append([a.name, a.n_entities, a.n_known, _pct(a.kept_fraction), len(a.values), dropped,
+                     "; ".join("/".join(c) for c in a.collisions[:4])])
     lines.append(_table(["attribute", "entities", "known", "kept", "values used", "values dropped (known)",
-                         "first-token collisions"], krows))
+                         "first-token collisions"], rows))
     if "knowledge" in plots:
         lines += ["", f"![kept fraction]({plots['knowledge']})"]
+    return lines
 
-    # -- probes
-    probes = probe_table(result)
-    lines += ["", "## Probes (held-out accuracy)", "",
-              f"Deterministic stratified split ({_pct(cfg['test_fraction'])} of each value held out). `full`: "
-              f"logistic regression on all of `{s['sae_hook']}`; 1-sparse: the best single unit; "
-              f"{cfg['probe_k']}-sparse: {cfg['probe_k']} units chosen by class separation on the training split.",
-              ""]
+
+def _md_probes(result: LabelResult, plots: dict[str, str]) -> list[str]:
+    s, cfg, kinds = result.settings, result.settings["label_config"], _kinds(result)
+    lines = ["", "## Probes (held-out accuracy)", "",
+             f"Deterministic stratified split ({_pct(cfg['test_fraction'])} of each value held out). `full`: "
+             f"logistic regression on all of `{s['sae_hook']}`; 1-sparse: the best single unit; "
+             f"{cfg['probe_k']}-sparse: {cfg['probe_k']} units chosen by class separation on the training split.",
+             ""]
     header = ["attribute", "train/test", "baseline", "full"]
     for k in kinds:
         header += [f"{k} 1-sparse", f"{k} {cfg['probe_k']}-sparse"]
-    prow = []
-    for name, r in probes.items():
+    rows = []
+    for name, r in probe_table(result).items():
         cells = [name, f"{r['n_train']}/{r['n_test']}", _pct(r["baseline"]), _pct(r.get("full"))]
         for k in kinds:
             cells += [_pct(r.get(f"{k} 1")), _pct(r.get(f"{k} k"))]
-        prow.append(cells)
-    lines.append(_table(header, prow))
+        rows.append(cells)
+    lines.append(_table(header, rows))
     if "probes" in plots:
         lines += ["", f"![probes]({plots['probes']})"]
+    return lines
 
-    # -- tags
-    lines += ["", "## Tags per attribute", ""]
-    trows = []
+
+def _md_tags(result: LabelResult) -> list[str]:
+    kinds = _kinds(result)
+    rows = []
     for a in result.attributes:
         if a.skipped:
             continue
@@ -170,68 +189,91 @@ def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta:
         for k in kinds:
             b = sorted(a.best.get(k, []), key=lambda d: -d["f1"])[:3]
             best.append("; ".join(f"{d['value']}: #{d['unit']} F1 {d['f1']:.2f} AUROC {d['auroc']:.2f}" for d in b))
-        trows.append([a.name, len(a.values)] + [a.n_tags.get(k, 0) for k in kinds] + best)
-    lines.append(_table(["attribute", "values"] + [f"{k} tags" for k in kinds]
-                        + [f"best {k}s (any F1)" for k in kinds], trows))
+        rows.append([a.name, len(a.values)] + [a.n_tags.get(k, 0) for k in kinds] + best)
+    return ["", "## Tags per attribute", "",
+            _table(["attribute", "values"] + [f"{k} tags" for k in kinds] + [f"best {k}s (any F1)" for k in kinds],
+                   rows)]
 
-    # -- causal
-    lines += ["", "## Causal checks", "",
-              f"Each checked tag's unit is removed at the entity's tokens of up to {cfg['causal_prompts']} attribute "
-              f"prompts; drop = mean fall of the correct answer's log-probability (nats); controls: "
-              f"{cfg['causal_controls']} random co-active units of similar frequency. \"causal\" needs a drop ≥ "
-              f"{cfg['causal_min_effect']} and z ≥ {cfg['causal_min_z']}. Steering adds activation × (decoder row "
-              "of another value's best tagged feature − this decoder row).", ""]
+
+def _causal_row(c: CausalResult, tag: Tag | None) -> list[Any]:
+    """One causal check as a table row, with its tag's F1 and AUROC and the controls' mean ± std."""
+    ctrl = c.control_drops
+    mean_c = _mean(ctrl)
+    std_c = (sum((x - mean_c) ** 2 for x in ctrl) / max(len(ctrl) - 1, 1)) ** 0.5 if ctrl and mean_c is not None \
+        else None
+    steer = f"→ {c.steer_value}: {c.steer_shift:+.2f} nats, flips {_pct(c.steer_flip)}" if c.steer_value else "–"
+    return [c.kind, c.index, f"{c.entity_type}.{c.attribute} = {c.value}", _num(tag.f1 if tag else None, ".2f"),
+            _num(tag.auroc if tag else None, ".2f"), c.n_prompts, _num(c.drop),
+            f"{_num(mean_c)} ± {_num(std_c)}" if ctrl else "–", _num(c.z, ".1f"),
+            c.status if c.status != "not tested" else f"not tested ({c.reason})", steer]
+
+
+def _md_causal(result: LabelResult, plots: dict[str, str]) -> list[str]:
+    cfg = result.settings["label_config"]
+    lines = ["", "## Causal checks", "",
+             f"Each checked tag's unit is removed at the entity's tokens of up to {cfg['causal_prompts']} attribute "
+             f"prompts; drop = mean fall of the correct answer's log-probability (nats); controls: "
+             f"{cfg['causal_controls']} random co-active units of similar frequency. \"causal\" needs a drop ≥ "
+             f"{cfg['causal_min_effect']} and z ≥ {cfg['causal_min_z']}. Steering adds activation × (decoder row "
+             "of another value's best tagged feature − this decoder row).", ""]
     tag_by = {(t.kind, t.index, t.entity_type, t.attribute, t.value): t for t in result.tags}
-    crows = []
-    for c in result.causal:
-        t = tag_by.get((c.kind, c.index, c.entity_type, c.attribute, c.value))
-        ctrl = c.control_drops
-        mean_c = _mean(ctrl)
-        std_c = (sum((x - mean_c) ** 2 for x in ctrl) / max(len(ctrl) - 1, 1)) ** 0.5 if ctrl and mean_c is not None \
-            else None
-        steer = (f"→ {c.steer_value}: {c.steer_shift:+.2f} nats, flips {_pct(c.steer_flip)}"
-                 if c.steer_value else "–")
-        crows.append([c.kind, c.index, f"{c.entity_type}.{c.attribute} = {c.value}", _num(t.f1 if t else None, ".2f"),
-                      _num(t.auroc if t else None, ".2f"), c.n_prompts, _num(c.drop),
-                      f"{_num(mean_c)} ± {_num(std_c)}" if ctrl else "–", _num(c.z, ".1f"),
-                      c.status if c.status != "not tested" else f"not tested ({c.reason})", steer])
+    rows = [_causal_row(c, tag_by.get((c.kind, c.index, c.entity_type, c.attribute, c.value)))
+            for c in result.causal]
     lines.append(_table(["kind", "unit", "tag", "F1", "AUROC", "prompts", "drop", "controls", "z", "status",
-                         "steering"], crows) if crows else "No tag was checked (no tags, or label.causal_tags: 0).")
+                         "steering"], rows) if rows else "No tag was checked (no tags, or label.causal_tags: 0).")
     if "causal" in plots:
         lines += ["", f"![causal]({plots['causal']})"]
+    return lines
 
-    # -- skipped
+
+def _md_skipped(result: LabelResult) -> list[str]:
     skipped = [a for a in result.attributes if a.skipped]
-    lines += ["", "## Attributes skipped", ""]
-    lines.append(_table(["attribute", "why"], [[a.name, a.skipped] for a in skipped]) if skipped else "None.")
+    return ["", "## Attributes skipped", "",
+            _table(["attribute", "why"], [[a.name, a.skipped] for a in skipped]) if skipped else "None."]
 
-    # -- semantics
+
+def _md_semantics(result: LabelResult, semantics: dict[str, Any]) -> list[str]:
+    th = semantics["thresholds"]
+    lines = ["", "## Monosemanticity", "",
+             "Concepts: token identity, rule-based lexical classes, entity-attribute values"
+             + (f", WordNet lexnames ({semantics['wordnet']})" if semantics.get("wordnet") else
+                " (WordNet not installed: no lexname concepts)")
+             + f"; base rates over the store's {semantics.get('n_tokens', 0):,} analysed tokens. Score: the "
+             "largest lower-bound P(concept | unit fires) over concepts at least "
+             f"{th['min_enrichment']:g}× enriched, from interval examples across the whole activation range; "
+             f"monosemantic at ≥ {th['mono_threshold']}; dead / too rare below {th['min_fires']} firings or "
+             f"{th['min_examples']} examples (see features/labeling/semantics.py).", ""]
+    rows = []
+    for k in _kinds(result):
+        d = semantics.get(k)
+        if not d:
+            continue
+        cl = d["classes"]
+        rows.append([k, d["n"], cl.get("monosemantic", 0), cl.get("polysemantic", 0), cl.get("dead", 0),
+                     _pct(d["mono_share"]), _pct(d["mono_share_top"]), _num(d["mean_score"]),
+                     ", ".join(f"{f} {n}" for f, n in sorted(d["mono_concept_kinds"].items(), key=lambda p: -p[1]))])
+    lines.append(_table(["kind", "units", "monosemantic", "polysemantic", "dead/rare", "mono share",
+                         "mono share (top only)", "mean score", "monosemantic by concept family"], rows))
+    return lines
+
+
+def render_markdown(result: LabelResult, semantics: dict[str, Any] | None, meta: dict[str, Any],
+                    plots: dict[str, str]) -> str:
+    """label.md; `plots` maps plot names to the PNG files written beside it (none: no images)."""
+    lines = _md_intro(result, meta) + _md_headline(result, semantics, plots) + _md_knowledge(result, plots)
+    lines += _md_probes(result, plots) + _md_tags(result) + _md_causal(result, plots) + _md_skipped(result)
     if semantics:
-        th = semantics["thresholds"]
-        lines += ["", "## Monosemanticity", "",
-                  "Concepts: token identity, rule-based lexical classes, entity-attribute values"
-                  + (f", WordNet lexnames ({semantics['wordnet']})" if semantics.get("wordnet") else
-                     " (WordNet not installed: no lexname concepts)")
-                  + f"; base rates over the store's {semantics.get('n_tokens', 0):,} analysed tokens. Score: the "
-                  "largest lower-bound P(concept | unit fires) over concepts at least "
-                  f"{th['min_enrichment']:g}× enriched, from interval examples across the whole activation range; "
-                  f"monosemantic at ≥ {th['mono_threshold']}; dead / too rare below {th['min_fires']} firings or "
-                  f"{th['min_examples']} examples (see features/semantics.py).", ""]
-        srows = []
-        for k in kinds:
-            d = semantics.get(k)
-            if not d:
-                continue
-            cl = d["classes"]
-            srows.append([k, d["n"], cl.get("monosemantic", 0), cl.get("polysemantic", 0), cl.get("dead", 0),
-                          _pct(d["mono_share"]), _pct(d["mono_share_top"]), _num(d["mean_score"]),
-                          ", ".join(f"{f} {n}" for f, n in sorted(d["mono_concept_kinds"].items(),
-                                                                  key=lambda p: -p[1]))])
-        lines.append(_table(["kind", "units", "monosemantic", "polysemantic", "dead/rare", "mono share",
-                             "mono share (top only)", "mean score", "monosemantic by concept family"], srows))
+        lines += _md_semantics(result, semantics)
     lines += ["", "## Timings", "", _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in
                                                                    sorted(result.timings.items())]), ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend)
+
+
+COLORS = {"feature": "tab:blue", "neuron": "tab:orange", "full": "tab:gray"}
 
 
 def _png(fig: Any) -> bytes:
@@ -243,84 +285,106 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _plot_semantics(plt: Any, semantics: dict[str, Any], kinds: list[Kind]) -> bytes:
+    """Score histograms per kind, and the monosemantic shares (whole range vs top examples)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in kinds:
+        d = semantics.get(k)
+        if d and d["scores"]:
+            ax1.hist([x for x in d["scores"] if x is not None], bins=20, range=(0, 1), alpha=0.6, density=True,
+                     label=f"{k}s", color=COLORS[k])
+    ax1.axvline(semantics["thresholds"]["mono_threshold"], color="k", ls="--", lw=1)
+    ax1.set_xlabel("monosemanticity score")
+    ax1.set_ylabel("density")
+    ax1.legend()
+    width = 0.35
+    for i, k in enumerate(kinds):
+        d = semantics.get(k) or {}
+        vals = [d.get("mono_share") or 0, d.get("mono_share_top") or 0]
+        ax2.bar([j + i * width for j in range(2)], [100 * v for v in vals], width, label=f"{k}s", color=COLORS[k])
+    ax2.set_xticks([j + width / 2 for j in range(2)], ["whole range", "top only"])
+    ax2.set_ylabel("monosemantic units (%)")
+    ax2.legend()
+    return _png(fig)
+
+
+def _plot_probes(plt: Any, probes: dict[str, dict[str, Any]], kinds: list[Kind]) -> bytes:
+    """Held-out accuracy per attribute and probe, with the majority baseline."""
+    names = list(probes)
+    series = [("full", "full")] + [(f"{k} 1", f"{k} 1-sparse") for k in kinds] + [(f"{k} k", f"{k} k-sparse")
+                                                                                    for k in kinds]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 3.8))
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        vals = [100 * (probes[n].get(key) or 0) for n in names]
+        ax.bar([j + i * width for j in range(len(names))], vals, width, label=label, color=COLORS[key.split()[0]],
+               alpha=1.0 if key.endswith("1") or key == "full" else 0.5)
+    ax.scatter([j + 0.4 - width / 2 for j in range(len(names))], [100 * probes[n]["baseline"] for n in names],
+               marker="_", s=400, color="k", label="majority baseline", zorder=3)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=3)
+    return _png(fig)
+
+
+def _plot_causal(plt: Any, tested: list[CausalResult], kinds: list[Kind]) -> bytes:
+    """Each checked tag's drop against its controls' drops."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(tested) + 2), 3.8))
+    for i, c in enumerate(tested):
+        ax.scatter([i] * len(c.control_drops), c.control_drops, color="0.6", s=10,
+                   label="random controls" if i == 0 else None)
+        ax.scatter([i], [c.drop], color=COLORS[c.kind], s=40, marker="D" if c.status == "causal" else "o",
+                   label=None)
+    for k in kinds:
+        ax.scatter([], [], color=COLORS[k], label=f"tagged {k}")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(tested)), [f"{c.kind[0]}{c.index} {c.attribute}={c.value}"[:28] for c in tested],
+                  rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("drop in log p(correct) (nats)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _plot_knowledge(plt: Any, known: list[AttributeReport]) -> bytes:
+    """The share of entities the model knows, per attribute."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(known) + 2), 3.2))
+    ax.bar(range(len(known)), [100 * a.kept_fraction for a in known], color="tab:green")
+    ax.set_xticks(range(len(known)), [a.name for a in known], rotation=30, ha="right")
+    ax.set_ylabel("entities the model knows (%)")
+    ax.set_ylim(0, 100)
+    return _png(fig)
+
+
 def render_plots(result: LabelResult, semantics: dict[str, Any] | None) -> dict[str, bytes]:
-    """PNG bytes per plot name (matplotlib, Agg backend)."""
+    """PNG bytes per plot name (matplotlib, Agg backend); a plot with nothing to show is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out: dict[str, bytes] = {}
-    kinds = ["feature", "neuron"] if result.settings.get("neuron_hook") else ["feature"]
-    colors = {"feature": "tab:blue", "neuron": "tab:orange", "full": "tab:gray"}
+    kinds = _kinds(result)
     if semantics and any(semantics.get(k) for k in kinds):
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for k in kinds:
-            d = semantics.get(k)
-            if d and d["scores"]:
-                ax1.hist([x for x in d["scores"] if x is not None], bins=20, range=(0, 1), alpha=0.6, density=True,
-                         label=f"{k}s", color=colors[k])
-        ax1.axvline(semantics["thresholds"]["mono_threshold"], color="k", ls="--", lw=1)
-        ax1.set_xlabel("monosemanticity score")
-        ax1.set_ylabel("density")
-        ax1.legend()
-        labels = ["whole range", "top only"]
-        width = 0.35
-        for i, k in enumerate(kinds):
-            d = semantics.get(k) or {}
-            vals = [d.get("mono_share") or 0, d.get("mono_share_top") or 0]
-            ax2.bar([j + i * width for j in range(2)], [100 * v for v in vals], width, label=f"{k}s", color=colors[k])
-        ax2.set_xticks([j + width / 2 for j in range(2)], labels)
-        ax2.set_ylabel("monosemantic units (%)")
-        ax2.legend()
-        out["semantics"] = _png(fig)
+        out["semantics"] = _plot_semantics(plt, semantics, kinds)
     probes = probe_table(result)
     if probes:
-        names = list(probes)
-        series = [("full", "full")] + [(f"{k} 1", f"{k} 1-sparse") for k in kinds] + [(f"{k} k", f"{k} k-sparse")
-                                                                                        for k in kinds]
-        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 3.8))
-        width = 0.8 / len(series)
-        for i, (key, label) in enumerate(series):
-            vals = [100 * (probes[n].get(key) or 0) for n in names]
-            kind = key.split()[0]
-            ax.bar([j + i * width for j in range(len(names))], vals, width, label=label, color=colors[kind],
-                   alpha=1.0 if key.endswith("1") or key == "full" else 0.5)
-        ax.scatter([j + 0.4 - width / 2 for j in range(len(names))], [100 * probes[n]["baseline"] for n in names],
-                   marker="_", s=400, color="k", label="majority baseline", zorder=3)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=7, ncol=3)
-        out["probes"] = _png(fig)
+        out["probes"] = _plot_probes(plt, probes, kinds)
     tested = [c for c in result.causal if c.drop is not None]
     if tested:
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(tested) + 2), 3.8))
-        for i, c in enumerate(tested):
-            ax.scatter([i] * len(c.control_drops), c.control_drops, color="0.6", s=10,
-                       label="random controls" if i == 0 else None)
-            ax.scatter([i], [c.drop], color=colors[c.kind], s=40, marker="D" if c.status == "causal" else "o",
-                       label=None)
-        for k in kinds:
-            ax.scatter([], [], color=colors[k], label=f"tagged {k}")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xticks(range(len(tested)), [f"{c.kind[0]}{c.index} {c.attribute}={c.value}"[:28] for c in tested],
-                      rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("drop in log p(correct) (nats)")
-        ax.legend(fontsize=7)
-        out["causal"] = _png(fig)
+        out["causal"] = _plot_causal(plt, tested, kinds)
     known = [a for a in result.attributes if a.kept_fraction is not None]
     if known:
-        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(known) + 2), 3.2))
-        ax.bar(range(len(known)), [100 * a.kept_fraction for a in known], color="tab:green")
-        ax.set_xticks(range(len(known)), [a.name for a in known], rotation=30, ha="right")
-        ax.set_ylabel("entities the model knows (%)")
-        ax.set_ylim(0, 100)
-        out["knowledge"] = _png(fig)
+        out["knowledge"] = _plot_knowledge(plt, known)
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The folder
+
+
 def result_json(result: LabelResult, semantics: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """label.json: the report's numbers, machine-readable (the semantics summary without per-unit scores)."""
     sem = None
     if semantics:
         sem = {k: ({kk: vv for kk, vv in v.items() if kk != "scores"} if isinstance(v, dict) else v)
@@ -328,13 +392,13 @@ def result_json(result: LabelResult, semantics: dict[str, Any] | None, meta: dic
     return {"meta": meta, "settings": result.settings, "timings": result.timings,
             "headline": headline(result, semantics), "attributes": [asdict(a) for a in result.attributes],
             "probes": [asdict(p) for p in result.probes], "causal": [asdict(c) for c in result.causal],
-            "n_tags": {k: sum(t.kind == k for t in result.tags) for k in ("feature", "neuron")},
+            "n_tags": {k: sum(t.kind == k for t in result.tags) for k in KINDS},
             "semantics": sem}
 
 
-def write_report(folder: Path, result: LabelResult, semantics: dict[str, Any] | None,
-                 meta: dict[str, Any], plots: bool = True) -> Path:
-    """Write label.md, label.json and the plots into `folder`; returns the Markdown file."""
+def write_report(folder: Path, outcome: LabelOutcome, plots: bool = True) -> Path:
+    """Write label.md, label.json and (with `plots`) the PNG plots into `folder`; returns the Markdown file."""
+    result, semantics, meta = outcome
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}

@@ -23,17 +23,19 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from sae.errors import SaekitError
+from sae.hooks import capturing, hook_width, stop_layer, validate_hooks
 from sae.io import atomic_write_bytes, atomic_write_json
-from sae.models import hook_layer, hook_width, validate_hooks
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 CACHE_FORMAT = "saekit-activation-cache"
 CACHE_VERSION = 1
@@ -195,7 +197,7 @@ def write_cache(
     done = {h: _resume_state(folders[h], headers[h], overwrite) for h in hooks}
     complete = set.intersection(*({s["index"] for s in done[h]} for h in hooks))
     todo = [i for i in range(-(-n_seq // shard_sequences)) if i not in complete]
-    stop_at = max(hook_layer(h) for h in hooks) + 1
+    stop_at = stop_layer(hooks)
     device = model.cfg.device
     writer = _ShardWriter(folders, headers, done)
     bar = tqdm(total=sum(min(shard_sequences, n_seq - i * shard_sequences) * ctx for i in todo),
@@ -203,12 +205,12 @@ def write_cache(
                dynamic_ncols=True)
     target: dict[str, Any] = {}  # where the hooks copy the current batch: per-hook buffers and row offset
 
-    def capture(act: torch.Tensor, hook: Any) -> None:
+    def capture(name: str, act: torch.Tensor) -> None:
         flat = act.reshape(-1, act.shape[-1])
-        target[hook.name][target["offset"]:target["offset"] + flat.shape[0]].copy_(flat)
+        target[name][target["offset"]:target["offset"] + flat.shape[0]].copy_(flat)
 
     try:
-        with torch.inference_mode(), model.hooks(fwd_hooks=[(h, capture) for h in hooks]):
+        with torch.inference_mode(), capturing(model, hooks, sink=capture):
             for index in todo:
                 first, last = index * shard_sequences, min(n_seq, (index + 1) * shard_sequences)
                 shard_tokens = tokens[first:last]

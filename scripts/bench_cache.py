@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from sae.cache import write_cache
-from sae.models import hook_layer, load_model
+from sae.hooks import stop_layer
+from sae.models import load_model
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (args.sequences, args.context))
     n_tokens = tokens.numel()
-    stop_at = max(hook_layer(h) for h in args.hooks) + 1
+    stop_at = stop_layer(args.hooks)
     device = model.cfg.device
     batches = [tokens[i:i + args.batch_size].to(device) for i in range(0, args.sequences, args.batch_size)]
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from features.label import label, load_entities
-from sae.config import load_config
-from sae.export import load_sae
+from features.labeling import label, load_entities
+from features.layout import store_in
+from features.run_config import load_config
+from features.store import KINDS
+from sae.formats import load_sae
 from sae.models import load_model
 
 
@@ -48,11 +50,11 @@ def main() -> None:
                "label_s": t["total"], "forward_s": t.get("forward", 0.0),
                "forward_share": t.get("forward", 0.0) / t["total"], "phases_s": t,
                "entity_types": [es.entity_type for es in entity_sets],
-               "tags": {k: sum(tag.kind == k for tag in result.tags) for k in ("feature", "neuron")},
+               "tags": {k: sum(tag.kind == k for tag in result.tags) for k in KINDS},
                "causal_checked": len(result.causal)}
-    store = args.sae / "features.db"
+    store = store_in(args.sae)
     if store.is_file():
-        from features.semantics import score_store
+        from features.labeling.semantics import score_store
         from features.store import FeatureStore
 
         t1 = time.perf_counter()

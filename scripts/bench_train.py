@@ -8,8 +8,8 @@ of steps), the same dead-latent window and AuxK weight, and the same input norma
 activation multiplied by the one scalar that brings the mean norm to sqrt(d), as saekit's trainer
 does; it is applied once, up front, to the tensors all three receive):
 
-- saekit: `sae.architectures.build_sae(SAEConfig(...))`, fast sparse path (the default), and the
-  per-step sequence of `sae/train.py`: finite checks, `training_step`, backward,
+- saekit: `sae.saes.build_sae(SAEShape(...), TopKConfig(...))`, fast sparse path (the default), and the
+  per-step sequence of `sae/trainer.py`: finite checks, `training_step`, backward,
   `remove_parallel_grad_`, Adam step, `zero_grad`, `normalize_decoder_`, dead-latent counters.
 - SAE-Lens: `TopKTrainingSAE` with its defaults (fp32, no autocast, decoder norm 0.1 and
   `rescale_acts_by_decoder_norm`, b_dec at zero), stepped as SAE-Lens's `SAETrainer._train_step`
@@ -66,10 +66,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae.architectures import SAE, SAEConfig, build_sae
 from sae.cache import CacheReader
 from sae.errors import SaekitError
-from sae.train import _lr_at, _scale, make_optimizer
+from sae.saes import SAE, SAEShape, TopKConfig, build_sae
+from sae.trainer import activation_scale, lr_at, make_optimizer
+from sae.training_data import reader_sample
 
 DEFAULT_CACHE = Path("runs/bench/cache/blocks.6.hook_mlp_out")
 BUILD_CMD = "saekit cache --set name=bench --set corpus.max_sequences=2000"
@@ -96,7 +97,7 @@ def load_data(cache: Path, batch_size: int, max_batches: int, held_out: int, see
     if held_out <= 0 or n_train < batch_size:
         raise SaekitError(f"the cache at {cache} has {reader.n_rows} rows: too few for --held-out {held_out} plus "
                           f"one batch of {batch_size}. Build a bigger one with `{BUILD_CMD}`")
-    scale = _scale(reader)
+    scale = activation_scale(reader_sample(reader, 32768))
     n_batches = min(max_batches, n_train // batch_size)
     rows = np.random.default_rng(seed).permutation(n_train)[:n_batches * batch_size]
     x = reader.activations(rows) * scale
@@ -116,7 +117,7 @@ class Schedule(NamedTuple):
     decay_fraction: float
 
     def at(self, step: int) -> float:
-        return _lr_at(step, self.total_steps, self.lr, self.warmup, self.decay_fraction)
+        return lr_at(step, self.total_steps, self.lr, self.warmup, self.decay_fraction)
 
 
 class Settings(NamedTuple):
@@ -144,19 +145,20 @@ class Trainer:
 
 
 class SaekitTrainer(Trainer):
-    """sae/train.py's per-step sequence for one TopK SAE on the fast sparse path."""
+    """sae/trainer.py's per-step sequence for one TopK SAE on the fast sparse path."""
 
     name = "saekit"
 
     def __init__(self, s: Settings, sched: Schedule, first: Tensor, fast: bool = True) -> None:
         self.s, self.sched = s, sched
-        cfg = SAEConfig(d_in=s.d, d_sae=s.expansion * s.d, architecture="topk", k=s.k, aux_k_coef=s.aux_k_coef,
-                        input_scale=s.scale, seed=s.seed, fast=fast)
+        shape = SAEShape(d_in=s.d, d_sae=s.expansion * s.d)
         torch.manual_seed(s.seed)
-        self.sae: SAE = build_sae(cfg).to(s.device)
-        self.sae.init_b_dec(first)  # train.py: the data's mean (of scaled activations)
-        self.opt = make_optimizer(list(self.sae.parameters()), sched.lr)  # train.py's optimiser
-        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=s.device)
+        hyper = TopKConfig(k=s.k, aux_k_coef=s.aux_k_coef, fast=fast)
+        self.sae: SAE = build_sae(shape, hyper, seed=s.seed).to(s.device)
+        self.sae.set_scales(s.scale)
+        self.sae.init_b_dec(first)  # trainer.py: the data's mean (of scaled activations)
+        self.opt = make_optimizer(list(self.sae.parameters()), sched.lr)  # trainer.py's optimiser
+        self.tokens_since_fired = torch.zeros(shape.d_sae, dtype=torch.int64, device=s.device)
 
     def step(self, x: Tensor, step: int, timer: Callable[[str], None] | None = None) -> None:
         mark = timer or (lambda _: None)
@@ -166,7 +168,7 @@ class SaekitTrainer(Trainer):
             group["lr"] = self.sched.at(step)
         dead = self.tokens_since_fired >= self.s.dead_after_tokens
         mark("setup")
-        out = self.sae.training_step(x, x, sparsity_coef=0.0, dead_mask=dead)
+        out = self.sae.training_step(x, x, dead_mask=dead)
         if not torch.isfinite(out.loss):
             raise SaekitError(f"step {step}: saekit loss is not finite")
         mark("forward")

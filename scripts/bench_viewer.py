@@ -8,7 +8,7 @@ embedded SmolLM2's layer 6 (blocks.6.hook_mlp_out), analysed over a few sequence
 fills the labeler's tables with synthetic rows through the store API (marked `source: bench` in `probes`), so the
 overview's plots and the tag filters have data to show. Random weights are fine here: only sizes matter.
 
-Server-side figures are `AppTest` runs of `app_streamlit.py` (the same script `saekit view` serves): the page's
+Server-side figures are `AppTest` runs of the viewer's APP_FILE (the script `saekit view` serves): the page's
 whole script, every store query included, warm caches, median over several units. The browser figure is headless
 Chromium (Playwright) navigating to a feature page's URL until the page marks itself rendered. Targets: a feature
 page under 0.3 s server-side and under 1.5 s in the browser.
@@ -26,10 +26,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-APP = REPO / "app_streamlit.py"
+from features.viewer import APP_FILE  # noqa: E402 - after the path fix, for a run from a bare checkout
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -37,47 +42,58 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 def build_store(folder: Path, n_features: int, sequences: int) -> Path:
     """A random TopK SAE with `n_features` latents on SmolLM2 layer 6, analysed over `sequences` sequences."""
-    import numpy as np
     import torch
 
+    from features import pipeline
     from features.analyze import run_analysis
-    from features.store import FeatureStore, Probe, Semantics, Tag
-    from sae import pipeline
-    from sae.architectures import SAEConfig, build_sae
-    from sae.config import load_config
-    from sae.export import save_sae
+    from features.layout import SAE_CFG_FILE
+    from features.run_config import config_to_dict, load_config
+    from features.store import FeatureStore
+    from sae.formats import save_sae
+    from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
     cfg = load_config(REPO / "configs" / "smollm2_mlp.yaml",
                       [f"name={folder.name}", f"runs_dir={folder.parent}", "corpus.max_sequences=400",
                        f"analyze.sequences={sequences}", "analyze.source=model", "model.device=cpu"])
     model = pipeline.run_model(cfg)
     splits = pipeline.prepare_tokens(cfg, model)
-    sae_dir = cfg.run_dir / "saes" / f"random-topk-{n_features}"
-    if not (sae_dir / "cfg.json").is_file():
-        sae = build_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=n_features, architecture="topk", k=32,
-                                  model_name=model.cfg.model_name, hook_name="blocks.6.hook_mlp_out"))
+    sae_id = f"random-topk-{n_features}"
+    sae_dir = cfg.layout.sae(sae_id)
+    if not (sae_dir / SAE_CFG_FILE).is_file():
+        sae = build_sae(SAEShape(d_in=model.cfg.d_model, d_sae=n_features), TopKConfig(k=32),
+                        Provenance(model_name=model.cfg.model_name, hook_name="blocks.6.hook_mlp_out"))
         save_sae(sae, sae_dir, metadata={"context_size": cfg.corpus.context_size, "prepend_bos": False})
-    path, _ = run_analysis(cfg, model, sae_dir, splits)
+    path, _ = run_analysis(model, sae_dir, cfg.layout.store(sae_id), splits, cfg.analyze,
+                           meta={"eval": None, "run_config": config_to_dict(cfg)})
     with FeatureStore.open(path, writable=True) as store:
         if not store.probes():
-            rng = np.random.default_rng(0)
-            values = [("country", "continent", v) for v in ("Europe", "Asia", "Africa", "Americas", "Oceania")]
-            values += [("element", "block", v) for v in "spdf"]
-            tags = [Tag("feature", int(i), *values[int(rng.integers(len(values)))], precision=float(rng.random()),
-                        recall=float(rng.random()), f1=float(rng.random()), auroc=float(0.5 + rng.random() / 2),
-                        support=20, entities=["France", "Japan", "Kenya"], causal_effect=float(rng.normal()),
-                        causal_status="ok")
-                    for i in rng.choice(n_features, 600, replace=False)]
-            store.write_tags(tags)
-            sem = [Semantics(kind, i, float(rng.beta(2, 2)), "monosemantic" if rng.random() < 0.4 else "polysemantic",
-                             [{"concept": "country.continent=Europe", "share": 0.6}])
-                   for kind in ("feature", "neuron") for i in range(store.n_units(kind))]
-            store.write_semantics(sem, replace=True)
-            store.write_probes([Probe(kind, et, at, "logistic", float(rng.random()), 0.2, 200, 50,
-                                      {"source": "bench"}) for kind in ("feature", "neuron")
-                                for et, at, _ in dict.fromkeys((v[0], v[1], "") for v in values)])
+            fake_labels(store, n_features)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     return path
+
+
+def fake_labels(store: FeatureStore, n_features: int) -> None:
+    """Synthetic tags, semantics and probes (marked `source: bench`) so the plots and tag filters have data."""
+    import numpy as np
+
+    from features.store import Probe, Semantics, Tag
+
+    rng = np.random.default_rng(0)
+    values = [("country", "continent", v) for v in ("Europe", "Asia", "Africa", "Americas", "Oceania")]
+    values += [("element", "block", v) for v in "spdf"]
+    tags = [Tag("feature", int(i), *values[int(rng.integers(len(values)))], precision=float(rng.random()),
+                recall=float(rng.random()), f1=float(rng.random()), auroc=float(0.5 + rng.random() / 2),
+                support=20, entities=["France", "Japan", "Kenya"], causal_effect=float(rng.normal()),
+                causal_status="ok")
+            for i in rng.choice(n_features, min(600, n_features), replace=False)]
+    store.write_tags(tags)
+    sem = [Semantics(kind, i, float(rng.beta(2, 2)), "monosemantic" if rng.random() < 0.4 else "polysemantic",
+                     [{"concept": "country.continent=Europe", "share": 0.6}])
+           for kind in ("feature", "neuron") for i in range(store.n_units(kind))]
+    store.write_semantics(sem, replace=True)
+    store.write_probes([Probe(kind, et, at, "logistic", float(rng.random()), 0.2, 200, 50, {"source": "bench"})
+                        for kind in ("feature", "neuron") for et, at, _ in dict.fromkeys((v[0], v[1], "")
+                                                                                        for v in values)])
 
 
 def free_port() -> int:
@@ -96,7 +112,7 @@ def server_side(store: Path, ids: list[int], runs: int) -> tuple[dict[str, float
 
     os.environ["SAEKIT_VIEW_STORE"] = str(store)
     os.environ.pop("SAEKIT_VIEW_RUN", None)
-    at = AppTest.from_file(str(APP), default_timeout=300)
+    at = AppTest.from_file(str(APP_FILE), default_timeout=300)
 
     def timed(params: dict[str, str]) -> tuple[float, float]:
         at.query_params = dict(params)
@@ -128,7 +144,7 @@ def browser_side(store: Path, ids: list[int], runs: int, shots: Path | None) -> 
 
     port = free_port()
     env = {**os.environ, "SAEKIT_VIEW_STORE": str(store)}
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.headless", "true",
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
                                "--client.toolbarMode", "viewer"], env=env, cwd=REPO,
@@ -173,13 +189,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write {'seconds': {...}} here")
     args = ap.parse_args()
 
-    from features.store import FeatureStore
+    from features.layout import store_in
+    from features.store import FeatureStore, UnitQuery
 
     store = args.store or build_store(args.build_dir, args.features, args.sequences)
+    store = store_in(store) if store.is_dir() else store
     with FeatureStore.open(store) as s:
         n = s.n_units("feature")
-        store = s.path
-        live = [u.index for u in s.search("", "feature", limit=n, status="live")]
+        live = [u.index for u in s.search(UnitQuery(status="live"), limit=n)]
     print(f"store {store}: {n:,} features")
     ids = random.Random(0).sample(live, min(len(live), args.runs + 1))
     seconds, apptest = server_side(store, ids, args.runs)

@@ -15,7 +15,7 @@ MODEL_CHECK.md) are committed. A maintainer rebuilds them with:
 Every filter below is there so a 135M-parameter model has a fair chance to know the fact and the
 answer is a short next token: famous/large entities only, unambiguous names only, and values shared
 by at least `MIN_PER_VALUE` entities (an entity whose value is rarer is dropped, because every cell
-must be filled; see features/entities.py).
+must be filled; see features/labeling/entities.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts/ is not a package; the repo root holds `features` and `sae`
 
-from features.entities import (  # noqa: E402
+from features.labeling.entities import (  # noqa: E402
     BUILTIN_DIR,
     AttributeTemplates,
     EntitySet,

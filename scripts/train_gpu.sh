@@ -9,5 +9,5 @@ NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))
 saekit cache --config "$CONFIG" "$@"
 torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  --nproc_per_node "$NGPU" -m sae.cli train --config "$CONFIG" "$@"
+  --nproc_per_node "$NGPU" -m features.cli train --config "$CONFIG" "$@"
 saekit eval --config "$CONFIG" "$@"

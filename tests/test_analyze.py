@@ -14,20 +14,21 @@ import torch
 
 from features.analyze import (
     HIST_BINS,
+    AnalyzeConfig,
     IntervalSampler,
     Reservoirs,
     analyze,
-    check_fit,
     hist_edges,
     run_analysis,
 )
-from features.store import FeatureStore, store_path
-from sae.architectures import SAEConfig, build_sae
+from features.layout import RunLayout
+from features.store import FeatureStore
 from sae.cache import write_cache
-from sae.config import AnalyzeConfig, config_from_dict
 from sae.corpus import token_fingerprint
 from sae.errors import SaekitError
-from sae.export import save_sae
+from sae.formats import save_sae
+from sae.hooks import check_fit, neuron_hook, run_to
+from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
 HOOK, POST = "blocks.1.hook_mlp_out", "blocks.1.mlp.hook_post"
 CFG = AnalyzeConfig(batch_size=5, top_examples=4, intervals=4, interval_examples=3, window_before=3, window_after=2,
@@ -35,8 +36,8 @@ CFG = AnalyzeConfig(batch_size=5, top_examples=4, intervals=4, interval_examples
 
 
 def tiny_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, hook: str = HOOK, model_name: str = "tiny", seed: int = 0):
-    sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, hook_name=hook, model_name=model_name, seed=seed,
-                              encoder_bf16=False))
+    sae = build_sae(SAEShape(d_in=d_in, d_sae=d_sae), TopKConfig(k=k, encoder_bf16=False),
+                    Provenance(model_name=model_name, hook_name=hook), seed=seed)
     with torch.no_grad():
         sae.b_enc.add_(0.05)
     return sae
@@ -52,7 +53,7 @@ def case(tiny_model):
     sae, toks = tiny_sae(), tokens()
     result = analyze(tiny_model, sae, toks, CFG, progress=False)
     with torch.no_grad():
-        _, cache = tiny_model.run_with_cache(toks, names_filter=lambda n: n in (HOOK, POST))
+        cache = run_to(tiny_model, toks, [HOOK, POST])
         feats = sae.encode(cache[HOOK].reshape(-1, 32))
     dense = {"feature": feats, "neuron": cache[POST].reshape(-1, 64)}
     return result, dense, sae, toks
@@ -170,7 +171,7 @@ def test_cofiring_is_exact_when_every_firing_is_sampled(tiny_model):
     cfg = AnalyzeConfig(batch_size=4, intervals=2, interval_examples=100, n_related=3, neurons=False)
     res = analyze(tiny_model, sae, toks, cfg, progress=False).kinds["feature"]
     with torch.no_grad():
-        _, cache = tiny_model.run_with_cache(toks, names_filter=HOOK)
+        cache = run_to(tiny_model, toks, [HOOK])
         fires = (sae.encode(cache[HOOK].reshape(-1, 32)) > 0).float()
     both = fires.t() @ fires  # k=4 of 64 fire per token, all within the 32 tracked per token
     for u in range(64):
@@ -212,11 +213,11 @@ def test_correlations_logits_and_neighbours_match_brute_force(case, tiny_model):
 
 def test_non_topk_sae_and_mlp_post_sae(tiny_model):
     """A JumpReLU SAE goes through the dense path; an SAE on mlp.hook_post gets logits through W_out."""
-    sae = build_sae(SAEConfig(d_in=64, d_sae=96, architecture="jumprelu", hook_name=POST, model_name="tiny"))
+    sae = build_sae(SAEShape(d_in=64, d_sae=96), "jumprelu", Provenance(model_name="tiny", hook_name=POST))
     toks = tokens(n=7)
     res = analyze(tiny_model, sae, toks, CFG, progress=False)
     with torch.no_grad():
-        _, cache = tiny_model.run_with_cache(toks, names_filter=POST)
+        cache = run_to(tiny_model, toks, [POST])
         acts = sae.encode(cache[POST].reshape(-1, 64))
     assert torch.equal(res.kinds["feature"].n_fires, (acts > 0).sum(0))
     effect = (sae.W_dec.detach() @ tiny_model.blocks[1].mlp.W_out.detach() * tiny_model.ln_final.w.detach()) \
@@ -231,30 +232,35 @@ def test_model_and_width_mismatches_are_refused(tiny_model):
         check_fit(tiny_model, tiny_sae(d_in=48))
     with pytest.raises(SaekitError, match="layer 7 is out of range"):
         check_fit(tiny_model, tiny_sae(hook="blocks.7.hook_mlp_out"))
-    assert check_fit(tiny_model, tiny_sae()) == POST
+    assert check_fit(tiny_model, tiny_sae()) is None and neuron_hook(HOOK) == POST
 
 
-def run_setup(tmp_path, tiny_model, **analyze_overrides):
+def run_setup(tmp_path, **analyze_overrides):
     """A run directory holding a saved tiny SAE and its token splits, as the pipeline leaves them."""
-    cfg = config_from_dict({"name": "an", "runs_dir": str(tmp_path / "runs"),
-                            "analyze": {"batch_size": 4, "sequences": 12, "top_examples": 4, "intervals": 4,
-                                        "interval_examples": 3, **analyze_overrides}}, "test")
-    folder = cfg.run_dir / "saes" / "tiny-sae"
-    save_sae(tiny_sae(), folder, metadata={"context_size": 16, "prepend_bos": False})
+    cfg = AnalyzeConfig(batch_size=4, sequences=12, top_examples=4, intervals=4, interval_examples=3,
+                        **analyze_overrides)
+    layout = RunLayout(tmp_path / "runs" / "an")
+    save_sae(tiny_sae(), layout.sae("tiny-sae"), metadata={"context_size": 16, "prepend_bos": False})
     splits = {"train": tokens(n=20, seed=1), "held_out": tokens(n=5, seed=2)}
-    return cfg, folder, splits
+    return cfg, layout, splits
+
+
+def analyse(model, cfg, layout, splits, **kwargs):
+    """run_analysis on the run's SAE, with the paths the pipeline takes from the run layout."""
+    return run_analysis(model, layout.sae("tiny-sae"), layout.store("tiny-sae"), splits, cfg,
+                        cache_dir=layout.cache_dir, progress=False, **kwargs)
 
 
 def test_cache_source_gives_the_same_store(tmp_path, tiny_model):
-    cfg, folder, splits = run_setup(tmp_path, tiny_model, split="train", source="cache")
-    write_cache(tiny_model, splits["train"], [HOOK, POST], cfg.run_dir / "cache", progress=False,
+    cfg, layout, splits = run_setup(tmp_path, split="train", source="cache")
+    write_cache(tiny_model, splits["train"], [HOOK, POST], layout.cache_dir, progress=False,
                 corpus_fingerprint=token_fingerprint(splits["train"]), shard_sequences=6)
-    path, built = run_analysis(cfg, tiny_model, folder, splits, progress=False)
+    path, built = analyse(tiny_model, cfg, layout, splits)
     with FeatureStore.open(path) as store:
         assert store.meta["analysis"]["source"] == "cache"
         from_cache = [store.feature(i) for i in range(0, 64, 9)]
-    cfg.analyze.source = "model"
-    run_analysis(cfg, tiny_model, folder, splits, overwrite=True, progress=False)
+    cfg.source = "model"
+    analyse(tiny_model, cfg, layout, splits, overwrite=True)
     with FeatureStore.open(path) as store:
         assert store.meta["analysis"]["source"] == "model"
         from_model = [store.feature(i) for i in range(0, 64, 9)]
@@ -262,29 +268,40 @@ def test_cache_source_gives_the_same_store(tmp_path, tiny_model):
         assert (a.n_fires, [e.seq for e in a.top_examples]) == (b.n_fires, [e.seq for e in b.top_examples])
         assert a.max_act == pytest.approx(b.max_act, rel=1e-5)
 
-    cfg.analyze.split, cfg.analyze.source = "held_out+train", "cache"
+    cfg.split, cfg.source = "held_out+train", "cache"
     with pytest.raises(SaekitError, match="held-out"):
-        run_analysis(cfg, tiny_model, folder, splits, progress=False)
+        analyse(tiny_model, cfg, layout, splits)
+
+
+def test_cache_source_auto_falls_back_to_the_model(tmp_path, tiny_model):
+    cfg, layout, splits = run_setup(tmp_path, split="train", source="auto")
+    path, built = analyse(tiny_model, cfg, layout, splits)  # no cache was written
+    with FeatureStore.open(path) as store:
+        assert built and store.meta["analysis"]["source"] == "model"
+    cfg.source = "cache"
+    with pytest.raises(SaekitError, match="analyze.source is 'cache' but the cache has no blocks.1.hook_mlp_out"):
+        analyse(tiny_model, cfg, layout, splits, overwrite=True)
 
 
 def test_up_to_date_store_is_skipped(tmp_path, tiny_model):
-    cfg, folder, splits = run_setup(tmp_path, tiny_model, neurons=False)
-    path, built = run_analysis(cfg, tiny_model, folder, splits, progress=False)
-    assert built and path == store_path(folder)
-    (folder / "eval.json").write_text('{"l0": 4.0}')  # evaluated after the analysis: refreshed, not rebuilt
-    assert run_analysis(cfg, tiny_model, folder, splits, progress=False) == (path, False)
+    cfg, layout, splits = run_setup(tmp_path, neurons=False)
+    path, built = analyse(tiny_model, cfg, layout, splits, meta={"eval": None})
+    assert built and path == layout.store("tiny-sae")
+    # evaluated after the analysis: refreshed, not rebuilt
+    assert analyse(tiny_model, cfg, layout, splits, meta={"eval": {"l0": 4.0}}) == (path, False)
     with FeatureStore.open(path) as store:
         assert store.summary()["eval"] == {"l0": 4.0}
-    cfg.analyze.top_examples = 5  # another setting: rebuilt
-    assert run_analysis(cfg, tiny_model, folder, splits, progress=False)[1]
+    cfg.top_examples = 5  # another setting: rebuilt
+    assert analyse(tiny_model, cfg, layout, splits)[1]
 
 
 KILL_SCRIPT = """
 import sys, time, torch
+from pathlib import Path
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 import features.analyze as A
-import features.store as S
-from sae.config import config_from_dict
+import features.store.writer as W
+from features.layout import RunLayout
 torch.manual_seed(0)
 cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=500, n_ctx=64,
     act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
@@ -297,10 +314,11 @@ def stall(*args, **kwargs):
 if where == "pass":
     A.UnitAccumulator.update = stall
 elif where == "write":
-    S._unit_rows = stall
-run = config_from_dict({{"name": "an", "runs_dir": sys.argv[1], "analyze": {{"batch_size": 4, "sequences": 12}}}})
+    W._unit_rows = stall
+layout = RunLayout(Path(sys.argv[1]) / "an")
 splits = {{"train": torch.randint(0, 500, (20, 16)), "held_out": torch.randint(0, 500, (5, 16))}}
-A.run_analysis(run, model, run.run_dir / "saes" / "tiny-sae", splits, overwrite=True, progress=False)
+A.run_analysis(model, layout.sae("tiny-sae"), layout.store("tiny-sae"), splits,
+               A.AnalyzeConfig(batch_size=4, sequences=12), overwrite=True, progress=False)
 """
 
 
@@ -319,19 +337,19 @@ def run_and_kill(tmp_path, where):
 
 
 def test_sigkill_never_leaves_a_half_written_store(tmp_path, tiny_model):
-    cfg, folder, splits = run_setup(tmp_path, tiny_model)
-    db = store_path(folder)
+    cfg, layout, splits = run_setup(tmp_path)
+    db = layout.store("tiny-sae")
     run_and_kill(tmp_path, "pass")  # killed during the pass: no store at all
     assert not db.exists()
-    run_analysis(cfg, tiny_model, folder, splits, progress=False)
+    analyse(tiny_model, cfg, layout, splits)
     good = db.read_bytes()
     run_and_kill(tmp_path, "write")  # killed while writing a new store: the previous one is intact
     assert db.read_bytes() == good
-    assert [p.name for p in folder.glob(".features.db.*")]  # the killed writer's temporary file
-    run_analysis(cfg, tiny_model, folder, splits, overwrite=True, progress=False)  # a rerun completes
+    assert [p.name for p in db.parent.glob(f".{db.name}.*")]  # the killed writer's temporary file
+    analyse(tiny_model, cfg, layout, splits, overwrite=True)  # a rerun completes
     with FeatureStore.open(db) as store:
         assert store.feature(3).index == 3 and store.summary()["units"]["feature"]["total"] == 64
-    assert not list(folder.glob(".features.db.*"))  # and clears the leftovers
+    assert not list(db.parent.glob(f".{db.name}.*"))  # and clears the leftovers
 
 
 def test_select_tokens_takes_held_out_first(tmp_path, tiny_model):
@@ -349,16 +367,15 @@ def test_select_tokens_takes_held_out_first(tmp_path, tiny_model):
 @pytest.mark.real
 def test_real_model_feature_and_neuron_pages(real_model, tmp_path):
     """SmolLM2 layer 6: a random TopK SAE on hook_mlp_out and the layer's 1536 neurons over 24 real sequences."""
-    from features.analyze import vocab_strings
-    from features.store import write_store
+    from features.analyze import vocab_strings, write_analysis
     from sae import corpus
 
     toks = corpus.tokenize_sequences(corpus.iter_documents("embedded"), real_model.tokenizer, 64, max_sequences=24)
-    sae = build_sae(SAEConfig(d_in=576, d_sae=1152, k=32, hook_name="blocks.6.hook_mlp_out",
-                              model_name="smollm2-135m"))
+    sae = build_sae(SAEShape(d_in=576, d_sae=1152), TopKConfig(k=32),
+                    Provenance(model_name="smollm2-135m", hook_name="blocks.6.hook_mlp_out"))
     analysis = analyze(real_model, sae, toks, AnalyzeConfig(batch_size=12), progress=False)
-    path = write_store(tmp_path / "features.db", analysis, vocab=vocab_strings(real_model),
-                       meta={"sae_id": "random", "model_name": "smollm2-135m"})
+    path = write_analysis(tmp_path / "features.db", analysis, vocab=vocab_strings(real_model),
+                          meta={"sae_id": "random", "model_name": "smollm2-135m"})
     with FeatureStore.open(path) as store:
         units = store.summary()["units"]
         assert units["feature"]["total"] == 1152 and units["neuron"]["total"] == 1536
@@ -372,3 +389,10 @@ def test_real_model_feature_and_neuron_pages(real_model, tmp_path):
             assert len(page.pos_logits) == 10 and all(isinstance(s, str) for s, _ in page.neg_logits)
             assert page.pos_logits[0][1] >= page.pos_logits[-1][1] > page.neg_logits[-1][1] >= page.neg_logits[0][1]
             assert page.intervals and page.cofiring and page.correlated
+
+
+def test_analyze_config_refuses_odd_intervals_and_negative_windows():
+    with pytest.raises(SaekitError, match="'analyze.intervals' must be even.*got 5"):
+        AnalyzeConfig(intervals=5)
+    with pytest.raises(SaekitError, match="'analyze.window_before' and 'analyze.window_after' must be >= 0"):
+        AnalyzeConfig(window_after=-1)

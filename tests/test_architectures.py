@@ -8,11 +8,23 @@ import dataclasses
 import pytest
 import torch
 
-from sae import sparse
-from sae.architectures import ARCHITECTURES, SAE, SAEConfig, TrainOutput, _Step, build_sae
 from sae.errors import SaekitError
+from sae.saes import ARCHITECTURES, SAE, SAEShape, TopKConfig, TrainOutput, build_sae, config_class
+from sae.saes import kernels as sparse
+from sae.saes.jumprelu import _Step
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
+
+
+def make(architecture: str = "topk", input_scale: float = 1.0, target_scale: float | None = None,
+         **kw) -> SAE:
+    """An SAE from flat keyword arguments: shape keys to the shape, the rest to the architecture's config."""
+    shape = SAEShape(**{k: kw.pop(k) for k in ("d_in", "d_sae", "d_out", "is_transcoder") if kw.get(k) is not None})
+    cls = config_class(architecture)
+    names = {f.name for f in dataclasses.fields(cls)}
+    sae = build_sae(shape, cls(**{k: v for k, v in kw.items() if k in names}))
+    sae.set_scales(input_scale, target_scale)
+    return sae
 
 
 def _randomise(sae: SAE, seed: int = 1) -> SAE:
@@ -30,9 +42,9 @@ def _randomise(sae: SAE, seed: int = 1) -> SAE:
 
 def _pair(arch: str, bf16: bool = False, **kw) -> tuple[SAE, SAE]:
     """The same SAE twice: fast sparse kernels and the plain dense reference."""
-    fast = _randomise(build_sae(SAEConfig(architecture=arch, fast=True, encoder_bf16=bf16, **kw)))
+    fast = _randomise(make(arch, fast=True, encoder_bf16=bf16, **kw))
     dense = copy.deepcopy(fast)
-    dense.cfg = dataclasses.replace(fast.cfg, fast=False)
+    dense.hyper = dataclasses.replace(fast.hyper, fast=False)
     return fast, dense
 
 
@@ -45,7 +57,7 @@ def _grads(sae: SAE, out: TrainOutput) -> dict[str, torch.Tensor]:
 def test_registry_and_build():
     assert set(ARCHITECTURES) == set(ARCHS)
     for arch in ARCHS:
-        sae = build_sae(SAEConfig(d_in=8, d_sae=64, architecture=arch))
+        sae = build_sae(SAEShape(d_in=8, d_sae=64), arch)
         assert sae.architecture == arch
         assert sae.W_enc.shape == (8, 64) and sae.W_dec.shape == (64, 8)
         x = torch.randn(5, 8)
@@ -53,25 +65,30 @@ def test_registry_and_build():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(architecture="gated"), "unknown architecture 'gated'"),
-    (dict(k=0), "k must be between 1 and d_sae"),
-    (dict(d_out=12), "set is_transcoder"),
-    (dict(target_scale=2.0), "target_scale must equal input_scale"),
+    (dict(architecture="gated"), "unknown SAE architecture 'gated'"),
+    (dict(k=0), "k must be a positive integer"),
+    (dict(k=65), "k must be between 1 and d_sae"),
+    (dict(d_out=12), "only a transcoder"),
+    (dict(target_scale=2.0), "target scale equals its input scale"),
     (dict(d_sae=0), "d_sae must be a positive integer"),
     (dict(dtype="fp8"), "dtype must be one of"),
 ])
 def test_config_errors_name_the_problem(kwargs, match):
     with pytest.raises(SaekitError, match=match):
-        SAEConfig(**{"d_in": 8, "d_sae": 64, **kwargs})
+        make(**{"d_in": 8, "d_sae": 64, **kwargs})
 
 
 def test_config_defaults_resolved():
-    cfg = SAEConfig(d_in=8, d_sae=64, architecture="relu", input_scale=2.0)
-    assert cfg.d_out == 8 and cfg.target_scale == 2.0 and cfg.sparsity_coef == 5.0
+    sae = make("relu", d_in=8, d_sae=64, input_scale=2.0)
+    assert sae.shape.d_out == 8 and sae.target_scale == 2.0 and sae.hyper.sparsity_coef == 5.0
+    assert set(ARCHITECTURES) == {a.architecture for a in (config_class(n) for n in ARCHITECTURES)}
+    with pytest.raises(SaekitError, match="needs a TopKConfig"):
+        ARCHITECTURES["topk"](SAEShape(8, 64), config_class("relu")(), None)
+    assert isinstance(build_sae(SAEShape(8, 64), "topk").hyper, TopKConfig)
 
 
 def test_training_step_rejects_wrong_width():
-    sae = build_sae(SAEConfig(d_in=8, d_sae=64))
+    sae = make(d_in=8, d_sae=64)
     with pytest.raises(SaekitError, match=r"expected x \[n, 8\]"):
         sae.training_step(torch.randn(4, 9))
 
@@ -154,8 +171,7 @@ def test_batchtopk_pattern_is_exact(n, skew):
 
 
 def test_batchtopk_threshold_tracks_smallest_kept_activation():
-    sae = _randomise(build_sae(SAEConfig(d_in=16, d_sae=64, architecture="batchtopk", k=4,
-                                                encoder_bf16=False)))
+    sae = _randomise(make("batchtopk", d_in=16, d_sae=64, k=4, encoder_bf16=False))
     with torch.no_grad():
         sae.threshold.zero_()
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(6))
@@ -167,7 +183,7 @@ def test_batchtopk_threshold_tracks_smallest_kept_activation():
 
 
 def test_auxk_only_touches_dead_latents():
-    sae = _randomise(build_sae(SAEConfig(d_in=16, d_sae=64, k=4)))
+    sae = _randomise(make(d_in=16, d_sae=64, k=4))
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
@@ -181,12 +197,12 @@ def test_auxk_only_touches_dead_latents():
 
 
 def test_jumprelu_threshold_learns_from_l0_and_reconstruction():
-    sae = _randomise(build_sae(SAEConfig(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_bandwidth=0.5)))
+    sae = _randomise(make("jumprelu", d_in=16, d_sae=64, bandwidth=0.5, sparsity_coef=1e-3))
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(8))
     _Step.apply(sae.pre_acts(x), sae.threshold, 0.5).sum(-1).mean().backward()
     assert (sae.threshold.grad <= 0).all() and (sae.threshold.grad < 0).any()  # raising it lowers L0
     assert sae.W_enc.grad is None or sae.W_enc.grad.abs().max() == 0  # the step sends nothing to the encoder
-    out = sae.training_step(x, sparsity_coef=1e-3)
+    out = sae.training_step(x, sparsity_scale=1.0)
     assert out.l0 == (sae.encode(x) > 0).sum(1).float().mean()
     assert out.sparsity_loss == pytest.approx(1e-3 * out.l0.item(), rel=1e-5)
     grads = _grads(sae, out)
@@ -194,9 +210,9 @@ def test_jumprelu_threshold_learns_from_l0_and_reconstruction():
 
 
 def test_relu_l1_is_weighted_by_decoder_norms_and_decoder_norms_are_free():
-    sae = _randomise(build_sae(SAEConfig(d_in=16, d_sae=32, architecture="relu")))
+    sae = _randomise(make("relu", d_in=16, d_sae=32, sparsity_coef=2.0))
     x = torch.randn(20, 16)
-    out = sae.training_step(x, sparsity_coef=2.0)
+    out = sae.training_step(x, sparsity_scale=1.0)
     acts = sae.encode(x)
     want = 2.0 * (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
     torch.testing.assert_close(out.sparsity_loss, want.detach())
@@ -206,7 +222,7 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_decoder_norms_are_free():
 
 
 def test_decoder_helpers():
-    sae = build_sae(SAEConfig(d_in=16, d_sae=32, k=4))
+    sae = make(d_in=16, d_sae=32, k=4)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(32, 1) + 0.5)
     sae.normalize_decoder_()
@@ -217,7 +233,7 @@ def test_decoder_helpers():
 
 
 def test_init_b_dec_mean_and_geometric_median():
-    sae = build_sae(SAEConfig(d_in=4, d_sae=8, k=2))
+    sae = make(d_in=4, d_sae=8, k=2)
     sample = torch.randn(200, 4, generator=torch.Generator().manual_seed(9)) * 0.1 + 1.0
     sample[0] = 1000.0  # one outlier drags the mean, not the median
     sae.init_b_dec(sample)
@@ -233,12 +249,12 @@ def test_init_b_dec_mean_and_geometric_median():
 def test_fold_scaling_maps_raw_to_raw(arch, transcoder):
     """Trained on x*s_in -> t*s_t, the folded SAE maps raw x to raw t, with activations divided by s_t."""
     s_in, s_t = (2.5, 0.4) if transcoder else (3.7, 3.7)
-    cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, k=6, is_transcoder=transcoder,
-                    d_out=12 if transcoder else None, input_scale=s_in, target_scale=s_t if transcoder else None)
-    trained = _randomise(build_sae(cfg))
+    trained = _randomise(make(arch, d_in=16, d_sae=64, k=6, is_transcoder=transcoder,
+                              d_out=12 if transcoder else None, input_scale=s_in,
+                              target_scale=s_t if transcoder else None))
     folded = copy.deepcopy(trained)
     folded.fold_scaling()
-    assert folded.cfg.input_scale == folded.cfg.target_scale == 1.0
+    assert folded.input_scale == folded.target_scale == 1.0
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(10)) * 5
     with torch.no_grad():
         torch.testing.assert_close(folded(x), trained(x * s_in) / s_t, rtol=1e-4, atol=1e-4)
@@ -252,7 +268,7 @@ def test_short_training_run_learns():
     """A few Adam steps on sparse synthetic data cut the loss: the fast path is trainable end to end."""
     torch.manual_seed(11)
     truth = torch.nn.functional.normalize(torch.randn(64, 32), dim=1)
-    sae = build_sae(SAEConfig(d_in=32, d_sae=128, k=4, encoder_bf16=True))
+    sae = make(d_in=32, d_sae=128, k=4, encoder_bf16=True)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     losses = []
     for _ in range(100):

@@ -157,7 +157,7 @@ def test_sigkill_mid_cache_then_resume_is_exact(tmp_path, tiny_llama_dir):
     """Kill a real `saekit cache` process mid-way; the rerun ends with exactly the uninterrupted rows."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = _cli_config(tmp_path, tiny_llama_dir, "killed")
-    cmd = [sys.executable, "-m", "sae.cli", "cache", "--config", str(killed)]
+    cmd = [sys.executable, "-m", "features.cli", "cache", "--config", str(killed)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "runs" / "killed" / "cache" / "blocks.3.mlp.hook_post" / "manifest.json"
     deadline = time.time() + 300
@@ -173,7 +173,7 @@ def test_sigkill_mid_cache_then_resume_is_exact(tmp_path, tiny_llama_dir):
     subprocess.run(cmd, env=env, check=True, capture_output=True)
 
     clean = _cli_config(tmp_path, tiny_llama_dir, "clean")
-    subprocess.run([sys.executable, "-m", "sae.cli", "cache", "--config", str(clean)], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "features.cli", "cache", "--config", str(clean)], env=env, check=True,
                    capture_output=True)
     for hook in ["blocks.3.mlp.hook_post", "blocks.3.hook_mlp_out"]:
         meta_k, acts_k = _all_rows(tmp_path / "runs" / "killed" / "cache" / hook)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from sae.config import load_config
+from features.run_config import load_config
 from sae.errors import SaekitError
 
 
@@ -56,7 +56,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_cli_prints_one_line_not_a_traceback(tmp_path):
     path = write(tmp_path, "modle:\n  name: gpt2\n")
-    proc = subprocess.run([sys.executable, "-m", "sae.cli", "cache", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "features.cli", "cache", "--config", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -64,5 +64,5 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
 
 
 def test_cli_help_explains_commands():
-    proc = subprocess.run([sys.executable, "-m", "sae.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "features.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "cache" in proc.stdout and "run" in proc.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from features.entities import (
+from features.labeling.entities import (
     PLACEHOLDER,
     AttributeTemplates,
     EntitySet,

@@ -5,14 +5,14 @@ import sys
 import pytest
 import torch
 
-from sae.architectures import SAEConfig, build_sae
-from sae.evaluate import evaluate
-from sae.export import load_sae
+from sae.evaluate import evaluate_sae as evaluate
+from sae.formats import load_sae
+from sae.saes import Provenance, SAEShape, build_sae
 
 
 def identity_sae(d: int, hook: str):
     """relu(x) - relu(-x) = x: a ReLU SAE that reconstructs exactly, so every metric has a known value."""
-    sae = build_sae(SAEConfig(d_in=d, d_sae=2 * d, architecture="relu", hook_name=hook, model_name="tiny"))
+    sae = build_sae(SAEShape(d_in=d, d_sae=2 * d), "relu", Provenance(model_name="tiny", hook_name=hook))
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -45,7 +45,7 @@ def test_zero_sae_recovers_nothing(tiny_model):
 @pytest.mark.real
 def test_default_pipeline_on_the_real_model(tmp_path):
     """`saekit run` on the embedded model and corpus: every stage, on small budgets."""
-    cmd = [sys.executable, "-m", "sae.cli", "run", "--set", f"runs_dir={tmp_path}", "--set", "name=real",
+    cmd = [sys.executable, "-m", "features.cli", "run", "--set", f"runs_dir={tmp_path}", "--set", "name=real",
            "--set", "corpus.max_sequences=240", "--set", "train.total_tokens=122880", "--set", "train.wandb=false",
            "--set", "eval.sequences=8", "--set", "analyze.sequences=32", "--set", "label.max_entities=40",
            "--set", "label.entity_types=[country]"]
@@ -54,7 +54,7 @@ def test_default_pipeline_on_the_real_model(tmp_path):
     assert "CE loss recovered" in proc.stdout
     folder = tmp_path / "real" / "saes" / "blocks.6.hook_mlp_out-topk-x8-k32"
     sae = load_sae(folder)
-    assert sae.cfg.model_name == "smollm2-135m" and sae.cfg.d_in == 576
+    assert sae.provenance.model_name == "smollm2-135m" and sae.shape.d_in == 576
     res = json.loads((folder / "eval.json").read_text())
     assert res["l0"] <= 32.0 + 1e-6
     assert res["fvu"] < 0.9

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.architectures import SAE, SAEConfig, build_sae
 from sae.errors import SaekitError
-from sae.export import export_sparsify, load_sae, load_sparsity, save_sae
+from sae.formats import export_sparsify, load_sae, load_sparsity, save_sae
+from sae.saes import SAE, Provenance, SAEShape, build_sae, config_class
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -20,11 +21,12 @@ META = {"context_size": 128, "prepend_bos": True}
 
 def _trained(arch: str, transcoder: bool = False, d_out: int = 12, **kw) -> SAE:
     """An SAE as the trainer leaves it: non-trivial biases and thresholds, activation scales not yet folded."""
-    cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, k=6, is_transcoder=transcoder,
-                    d_out=d_out if transcoder else None, input_scale=3.7,
-                    target_scale=0.6 if transcoder else None, model_name="smollm2-135m",
-                    hook_name="blocks.6.hook_mlp_out", **kw)
-    sae = build_sae(cfg)
+    hyper = config_class(arch)
+    if any(f.name == "k" for f in dataclasses.fields(hyper)):
+        kw = {"k": 6, **kw}
+    sae = build_sae(SAEShape(d_in=16, d_sae=64, d_out=d_out if transcoder else 0, is_transcoder=transcoder),
+                    hyper(**kw), Provenance(model_name="smollm2-135m", hook_name="blocks.6.hook_mlp_out"))
+    sae.set_scales(3.7, 0.6 if transcoder else None)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(sae.b_enc.shape, generator=gen) * 0.1)
@@ -54,7 +56,7 @@ def test_sae_lens_loads_our_directory_with_identical_outputs(tmp_path, arch, tra
         want = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder", "batchtopk": "jumprelu_transcoder"}[arch]
     assert theirs.cfg.architecture() == want
     x = _raw()
-    s_in, s_t = sae.cfg.input_scale, sae.cfg.target_scale
+    s_in, s_t = sae.input_scale, sae.target_scale
     with torch.no_grad():
         acts = theirs.encode(x)
         # SAE-Lens on raw activations == our SAE on the scaled activations it was trained on, unscaled
@@ -64,8 +66,8 @@ def test_sae_lens_loads_our_directory_with_identical_outputs(tmp_path, arch, tra
         ours = load_sae(tmp_path)
         torch.testing.assert_close(ours.encode(x), acts, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    assert ours.architecture == arch and ours.cfg.is_transcoder == transcoder
-    assert sae.cfg.input_scale == 3.7  # the caller's SAE is not folded in place
+    assert ours.architecture == arch and ours.shape.is_transcoder == transcoder
+    assert sae.input_scale == 3.7  # the caller's SAE is not folded in place
 
 
 def test_metadata_and_config_round_trip(tmp_path):
@@ -79,7 +81,7 @@ def test_metadata_and_config_round_trip(tmp_path):
     assert meta["saekit"]["architecture"] == "batchtopk"
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
     loaded = load_sae(tmp_path)
-    assert loaded.cfg.aux_k_coef == 0.05 and loaded.cfg.input_scale == 1.0 and loaded.cfg.k == 6
+    assert loaded.hyper.aux_k_coef == 0.05 and loaded.input_scale == 1.0 and loaded.hyper.k == 6
     assert torch.equal(loaded.threshold, torch.full((64,), 0.25 / 3.7))
     assert sae_lens.SAE.load_from_disk(tmp_path).cfg.metadata.saekit["architecture"] == "batchtopk"
 
@@ -145,7 +147,7 @@ def test_load_sae_lens_directories(tmp_path, arch, kw):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
         assert torch.equal(ours.encode(x) > 0, theirs.encode(x) > 0)
-    assert ours.cfg.hook_name == "blocks.1.hook_mlp_out" and ours.cfg.model_name == "m"
+    assert ours.provenance.hook_name == "blocks.1.hook_mlp_out" and ours.provenance.model_name == "m"
 
 
 def test_load_refuses_gated_and_unfolded_normalisation(tmp_path):
@@ -191,7 +193,7 @@ def _sparsify_dir(path, transcode: bool = False) -> dict[str, torch.Tensor]:
 def test_load_sparsify_directory(tmp_path, transcode):
     t = _sparsify_dir(tmp_path / "layers.6.mlp", transcode)
     ours = load_sae(tmp_path / "layers.6.mlp")
-    assert ours.architecture == "topk" and ours.cfg.d_sae == 64 and ours.cfg.k == 5
+    assert ours.architecture == "topk" and ours.shape.d_sae == 64 and ours.hyper.k == 5
     x = _raw(d=16, seed=6)
     # sparsify's own formula: top-k of relu(encoder(x - b_dec)), embedding-bag decode, + b_dec
     pre = torch.relu((x if transcode else x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])
@@ -272,7 +274,7 @@ def test_load_pre_6_sae_lens_topk_config(tmp_path):
         "d_in": 16, "d_sae": 64, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
         "hook_point": "blocks.2.hook_resid_post", "model_name": "gpt2", "apply_b_dec_to_input": True}))
     ours = load_sae(tmp_path)
-    assert ours.architecture == "topk" and ours.cfg.k == 5 and ours.cfg.hook_name == "blocks.2.hook_resid_post"
+    assert ours.architecture == "topk" and ours.hyper.k == 5 and ours.provenance.hook_name == "blocks.2.hook_resid_post"
     x = _raw()
     vals, idx = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).topk(5)
     with torch.no_grad():

@@ -12,28 +12,29 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from features.entities import AttributeTemplates, EntitySet, save_entity_set
-from features.label import (
-    Encoded,
-    Timer,
-    auroc,
-    best_f1_scores,
-    encode_prompt,
-    firing_scores,
+from features import cli
+from features.labeling import (
+    AttributeTemplates,
+    EntitySet,
+    LabelConfig,
+    LabelOutcome,
     label,
-    length_batches,
     load_entities,
     run_label,
-    select_tags,
-    span_activations,
+    save_entity_set,
 )
-from features.probes import probe_suite, split_train_test, stable_hash
+from features.labeling.activations import span_activations
+from features.labeling.probes import Split, full_probe, sparse_probes, split_train_test, stable_hash
+from features.labeling.prompts import Encoded, encode_prompt, length_batches
+from features.labeling.scoring import auroc, best_f1_scores, firing_scores, select_tags
+from features.labeling.timing import Timer
+from features.layout import store_in
 from features.report import render_markdown, write_report
-from sae import cli
-from sae.architectures import SAEConfig, build_sae
-from sae.config import LabelConfig, config_from_dict
+from features.run_config import config_from_dict
 from sae.errors import SaekitError
-from sae.export import save_sae
+from sae.formats import save_sae
+from sae.hooks import editing
+from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
 HOOK = "blocks.1.hook_mlp_out"
 
@@ -118,9 +119,9 @@ def test_probes_on_separable_data():
     assert split_train_test(names, y, 0.25)[1].tolist() == test.tolist()  # deterministic
     assert set(train.tolist()).isdisjoint(test.tolist()) and len(train) + len(test) == n
     assert torch.bincount(y[test]).tolist() == [10, 10, 10]  # stratified
-    (full,) = probe_suite(x, y, train, test, 3, sparse=False)
+    full = full_probe(x, y, Split(train, test), 3)
     assert full.accuracy == 1.0
-    one, k = probe_suite(x, y, train, test, 3, sparse=True, k=2)
+    one, k = sparse_probes(x, y, Split(train, test), 3, k=2)
     assert one.units[0] in (5, 11) and 0.6 <= one.accuracy < 0.9  # one unit tells apart one class from two
     assert sorted(k.units) == [5, 11] and k.accuracy == 1.0
 
@@ -150,10 +151,13 @@ def entity_set(n: int = 24) -> EntitySet:
         context_template="The thing {entity}")
 
 
+def tiny_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, hook: str = HOOK, model: str = "tiny"):
+    return build_sae(SAEShape(d_in, d_sae), TopKConfig(k=k, encoder_bf16=False), Provenance(model, hook), seed=0)
+
+
 def tiny_label_sae(tiny_model, es, tok):
     """A tiny TopK SAE whose feature 0 fires on exactly the red things (planted by least squares)."""
-    sae = build_sae(SAEConfig(d_in=32, d_sae=64, k=4, hook_name=HOOK, model_name="tiny", seed=0,
-                              encoder_bf16=False))
+    sae = tiny_sae()
     prompts = [encode_prompt(tok, es.context_template, e, 0) for e in es.entities]
     x = torch.stack([s[-1] for s in span_activations(tiny_model, prompts, [HOOK], 8, Timer())[HOOK]])
     target = torch.tensor([1.0 if v == "red" else -1.0 for v in es.attributes["colour"]])
@@ -229,14 +233,14 @@ def test_ablating_the_planted_feature_matches_a_manual_forward(tiny_case, tiny_m
         toks = torch.tensor([enc.ids])
         a, b = enc.span
 
-        def ablate(act, hook, a=a, b=b):
+        def ablate(act, a=a, b=b):
             f = sae.encode(act[0, a:b])[:, 0]
             act[0, a:b] -= f[:, None] * sae.W_dec[0]
             return act
 
         with torch.no_grad():
             clean = tiny_model(toks)[0, -1].log_softmax(-1)[answer]
-            with tiny_model.hooks(fwd_hooks=[(HOOK, ablate)]):
+            with editing(tiny_model, [(HOOK, ablate)]):
                 ablated = tiny_model(toks)[0, -1].log_softmax(-1)[answer]
         drops.append(float(clean - ablated))
     assert math.isclose(res.drop, sum(drops) / len(drops), abs_tol=1e-4)
@@ -253,7 +257,7 @@ def test_max_pooling_over_entity_tokens(tiny_model):
     spans = span_activations(tiny_model, prompts, [HOOK, "blocks.1.mlp.hook_post"], 8, Timer())
     for pooling, pool in (("max", lambda t: t.max(0).values), ("last", lambda t: t[-1])):
         cfg = LabelConfig(knowledge_filter=False, pooling=pooling, causal_tags=0, probe_steps=30, batch_size=8)
-        result = label(tiny_model, sae, [es], cfg, tokenizer=tok, keep_activations=True, log=lambda m: None)
+        result = label(tiny_model, sae, [es], cfg, tokenizer=tok, log=lambda m: None)
         data = result.data["thing"]
         with torch.no_grad():
             want = torch.stack([pool(sae.encode(s)) for s in spans[HOOK]])
@@ -269,7 +273,7 @@ def test_knowledge_filter_skips_an_attribute_the_model_does_not_know(tiny_model)
     es = EntitySet("thing", names, {"colour": [colours[i % 5] for i in range(30)]},
                    {"colour": AttributeTemplates(["Fact: The thing {entity} is coloured"])}, "The thing {entity}")
     tok = word_tokenizer(names)
-    sae = build_sae(SAEConfig(d_in=32, d_sae=64, k=4, hook_name=HOOK, model_name="tiny", encoder_bf16=False))
+    sae = tiny_sae()
     result = label(tiny_model, sae, [es], LabelConfig(causal_tags=0, batch_size=16), tokenizer=tok,
                    log=lambda m: None)
     (rep,) = result.attributes
@@ -286,23 +290,21 @@ def test_knowledge_filter_skips_an_attribute_the_model_does_not_know(tiny_model)
 
 
 def make_run(tmp_path, tiny_model, analyse: bool = True):
-    """A run directory with a saved tiny SAE and, if `analyse`, its feature store."""
-    from features.analyze import run_analysis
+    """A saved tiny SAE, its entity files, a label config and, if `analyse`, the SAE's feature store."""
+    from features.analyze import AnalyzeConfig, run_analysis
 
-    cfg = config_from_dict({"name": "lab", "runs_dir": str(tmp_path / "runs"),
-                            "analyze": {"batch_size": 4, "sequences": 8, "top_examples": 4, "intervals": 4,
-                                        "interval_examples": 3},
-                            "label": {"entities": str(tmp_path / "ents"), "knowledge_filter": False,
-                                      "causal_tags": 1, "causal_prompts": 2, "causal_controls": 2,
-                                      "probe_steps": 30}}, "test")
+    cfg = LabelConfig(entities=str(tmp_path / "ents"), knowledge_filter=False, causal_tags=1, causal_prompts=2,
+                      causal_controls=2, probe_steps=30)
     es = entity_set()
     save_entity_set(es, tmp_path / "ents")
-    folder = cfg.run_dir / "saes" / "tiny-sae"
+    folder = tmp_path / "saes" / "tiny-sae"
     save_sae(tiny_label_sae(tiny_model, es, word_tokenizer(es.entities)), folder,
              metadata={"context_size": 16, "prepend_bos": False})
     if analyse:
         toks = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(3))
-        run_analysis(cfg, tiny_model, folder, {"train": toks, "held_out": toks[:0]}, progress=False)
+        run_analysis(tiny_model, folder, store_in(folder), {"train": toks, "held_out": toks[:0]},
+                     AnalyzeConfig(batch_size=4, sequences=8, top_examples=4, intervals=4, interval_examples=3),
+                     progress=False)
     return cfg, folder, es
 
 
@@ -312,10 +314,13 @@ def test_run_label_writes_store_and_report(tmp_path, tiny_model):
     cfg, folder, es = make_run(tmp_path, tiny_model)
     tiny_model.tokenizer = word_tokenizer(es.entities)
     try:
-        result, semantics, report = run_label(cfg, tiny_model, folder, log=lambda m: None)
+        outcome = run_label(tiny_model, folder, store_in(folder), cfg, log=lambda m: None)
     finally:
         tiny_model.tokenizer = None
-    assert report == cfg.run_dir / "reports" / "tiny-sae" / "label.md"
+    result, semantics, meta = outcome
+    assert meta["sae_id"] == "tiny-sae" and meta["store"] == str(store_in(folder))
+    report = write_report(tmp_path / "reports" / "tiny-sae", outcome)
+    assert report == tmp_path / "reports" / "tiny-sae" / "label.md"
     text = report.read_text()
     for section in ("## Headline", "## Knowledge filter", "## Probes", "## Causal checks", "## Attributes skipped",
                     "## Monosemanticity", "thing.shape"):
@@ -324,7 +329,7 @@ def test_run_label_writes_store_and_report(tmp_path, tiny_model):
         assert (report.parent / png).read_bytes()[:4] == b"\x89PNG"
     data = json.loads((report.parent / "label.json").read_text())
     assert data["n_tags"]["feature"] == sum(t.kind == "feature" for t in result.tags)
-    with FeatureStore.open(folder) as store:
+    with FeatureStore.open(store_in(folder)) as store:
         tags = store.find_tags(kind="feature", index=0)
         assert [(t.attribute, t.value, t.f1) for t in tags] == [("colour", "red", 1.0)]
         assert tags[0].causal_status in ("causal", "correlational only")
@@ -332,13 +337,14 @@ def test_run_label_writes_store_and_report(tmp_path, tiny_model):
         sem = store.semantics("feature") + store.semantics("neuron")
         assert len(sem) == 64 + 64 and {s.cls for s in sem} <= {"monosemantic", "polysemantic", "dead"}
     # a report can be rewritten from the result alone (no plots)
-    assert write_report(tmp_path / "again", result, semantics, {"sae_id": "x"}, plots=False).is_file()
+    again = LabelOutcome(result, semantics, {"sae_id": "x"})
+    assert write_report(tmp_path / "again", again, plots=False).is_file()
 
 
 def test_store_without_analysis_pass_says_run_analyze(tmp_path, tiny_model):
     cfg, folder, _ = make_run(tmp_path, tiny_model, analyse=False)
     with pytest.raises(SaekitError, match="run `saekit analyze --config"):
-        run_label(cfg, tiny_model, folder, log=lambda m: None)
+        run_label(tiny_model, folder, store_in(folder), cfg, log=lambda m: None)
 
 
 def write_files(folder, csv_text: str, templates: dict) -> None:
@@ -390,6 +396,12 @@ def test_label_config_is_validated():
         config_from_dict({"label": {"min_f1": 1.5}}, "test")
     with pytest.raises(SaekitError, match="label.pooling"):
         config_from_dict({"label": {"pooling": "mean"}}, "test")
+    with pytest.raises(SaekitError, match="label.max_entities"):
+        config_from_dict({"label": {"max_entities": 0}}, "test")
+    for bad, key in (({"min_auroc": -0.1}, "label.min_auroc"), ({"test_fraction": 1.0}, "label.test_fraction"),
+                     ({"min_class_size": 1}, "label.min_class_size"), ({"causal_tags": -1}, "label.causal_tags")):
+        with pytest.raises(SaekitError, match=key):
+            LabelConfig(**bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +413,7 @@ def test_real_model_knows_continents_and_probes_read_them(real_model):
     """SmolLM2 on 48 countries: the filter keeps most, the full probe beats the majority baseline, and the
     labeler's mechanics hold on real activations (random SAE: tags are not expected)."""
     es = next(s for s in load_entities(LabelConfig(entity_types=["country"])))
-    sae = build_sae(SAEConfig(d_in=576, d_sae=512, k=16, hook_name="blocks.4.hook_mlp_out",
-                              model_name=real_model.cfg.model_name, encoder_bf16=False))
+    sae = tiny_sae(576, 512, 16, "blocks.4.hook_mlp_out", real_model.cfg.model_name)
     cfg = LabelConfig(max_entities=48, causal_tags=1, causal_prompts=3, causal_controls=2, probe_steps=50,
                       min_positives=5, min_f1=0.3, min_auroc=0.7)
     result = label(real_model, sae, [es], cfg, log=lambda m: None)

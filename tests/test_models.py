@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from sae.errors import SaekitError
-from sae.models import expand_hooks, hook_width, load_model, validate_hooks
+from sae.hooks import expand_hooks, hook_width, validate_hooks
+from sae.models import load_model
 
 
 @pytest.mark.real

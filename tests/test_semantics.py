@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from features.entities import AttributeTemplates, EntitySet
-from features.semantics import (
+from features.labeling.entities import AttributeTemplates, EntitySet
+from features.labeling.semantics import (
     MONO_THRESHOLD,
     Concepts,
     WordNet,
@@ -117,18 +117,16 @@ def test_wordnet_lexnames():
 
 
 def test_score_store_on_a_tiny_store(tmp_path, tiny_model):
-    from features.analyze import analyze
-    from features.store import FeatureStore, write_store
-    from sae.architectures import SAEConfig, build_sae
-    from sae.config import AnalyzeConfig
+    from features.analyze import AnalyzeConfig, analyze, write_analysis
+    from features.store import FeatureStore
+    from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
-    sae = build_sae(SAEConfig(d_in=32, d_sae=48, k=4, hook_name="blocks.1.hook_mlp_out", model_name="tiny",
-                              encoder_bf16=False))
+    sae = build_sae(SAEShape(32, 48), TopKConfig(k=4, encoder_bf16=False), Provenance("tiny", "blocks.1.hook_mlp_out"))
     toks = torch.randint(0, 60, (10, 16), generator=torch.Generator().manual_seed(0))
     cfg = AnalyzeConfig(batch_size=5, top_examples=4, intervals=4, interval_examples=3, window_before=3,
                         window_after=2, n_logits=3, n_related=3)
     analysis = analyze(tiny_model, sae, toks, cfg, progress=False)
-    path = write_store(tmp_path / "features.db", analysis, vocab=[f" w{i}" for i in range(500)],
+    path = write_analysis(tmp_path / "features.db", analysis, vocab=[f" w{i}" for i in range(500)],
                        meta={"sae_id": "tiny"})
     with FeatureStore.open(path, writable=True) as store:
         rows, summary = score_store(store, [], None, wordnet=False, log=lambda m: None)

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from features.analyze import analyze
+from features.analyze import AnalyzeConfig, analyze, write_analysis
 from features.export import export_bundle, export_neuronpedia, export_parquet
+from features.layout import store_in
 from features.store import (
     SCHEMA_VERSION,
     Explanation,
@@ -19,14 +20,12 @@ from features.store import (
     Probe,
     Semantics,
     Tag,
+    UnitQuery,
     density_note,
-    store_path,
-    write_store,
 )
-from sae.architectures import SAEConfig, build_sae
-from sae.config import AnalyzeConfig
 from sae.errors import SaekitError
-from sae.export import save_sae
+from sae.formats import save_sae
+from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
 HOOK = "blocks.1.hook_mlp_out"
 VOCAB = [f"tok{i}" for i in range(500)]
@@ -35,7 +34,8 @@ CFG = AnalyzeConfig(batch_size=6, top_examples=4, intervals=4, interval_examples
 
 
 def make_sae():
-    sae = build_sae(SAEConfig(d_in=32, d_sae=64, k=4, hook_name=HOOK, model_name="tiny", encoder_bf16=False))
+    sae = build_sae(SAEShape(d_in=32, d_sae=64), TopKConfig(k=4, encoder_bf16=False),
+                    Provenance(model_name="tiny", hook_name=HOOK))
     with torch.no_grad():
         sae.b_enc.add_(0.05)
         sae.W_enc[:, 63] = 0  # feature 63 can never win a top-k slot: a dead feature
@@ -55,7 +55,7 @@ def built(tiny_model, tmp_path_factory):
     meta = {"sae_id": folder.name, "model_name": "tiny", "sae_sha256": "s1", "fingerprint": "f1",
             "eval": json.loads((folder / "eval.json").read_text()), "run_config": {"corpus": {"source": "rand"}},
             "sae": json.loads((folder / "cfg.json").read_text())}
-    write_store(store_path(folder), analysis, vocab=VOCAB, meta=meta)
+    write_analysis(store_in(folder), analysis, vocab=VOCAB, meta=meta)
     return folder, analysis, meta
 
 
@@ -63,7 +63,7 @@ def built(tiny_model, tmp_path_factory):
 def db(built, tmp_path):
     """A private copy of the store, free to modify."""
     path = tmp_path / "features.db"
-    shutil.copyfile(store_path(built[0]), path)
+    shutil.copyfile(store_in(built[0]), path)
     return path
 
 
@@ -71,7 +71,7 @@ def test_feature_page_matches_the_analysis(built):
     folder, analysis, _ = built
     toks = analysis.tokens
     res = analysis.kinds["feature"]
-    with FeatureStore.open(store_path(folder)) as store:
+    with FeatureStore.open(store_in(folder)) as store:
         for i in (0, 17, 42):
             u = store.feature(i)
             assert (u.kind, u.index, u.n_fires) == ("feature", i, int(res.n_fires[i]))
@@ -95,32 +95,36 @@ def test_feature_page_matches_the_analysis(built):
 
 
 def test_search_filters_and_rankings(built):
-    with FeatureStore.open(store_path(built[0])) as store:
+    with FeatureStore.open(store_in(built[0])) as store:
         token = store.feature(7).top_tokens[0]
-        hits = store.search(token, limit=100)
+        hits = store.search(UnitQuery(token), limit=100)
         assert 7 in [h.index for h in hits] and all(token in h.top_tokens + h.pos_tokens for h in hits)
-        assert store.count(token) == len(hits)
-        assert 42 in [h.index for h in store.search("42", limit=100)]  # a number also matches the index
-        live = store.search(status="live", limit=1000)
+        assert store.count(UnitQuery(token)) == len(hits)
+        assert 42 in [h.index for h in store.search(UnitQuery("42"), limit=100)]  # a number also matches the index
+        live = store.search(UnitQuery(status="live"), limit=1000)
         assert live and all(h.status == "live" for h in live)
-        assert 63 not in [h.index for h in store.search(include_dead=False, limit=1000)]
-        rare = store.search(max_freq=0.02, order_by="freq", descending=True, limit=1000)
+        assert 63 not in [h.index for h in store.search(UnitQuery(include_dead=False), limit=1000)]
+        rare = store.search(UnitQuery(max_freq=0.02, order_by="freq", descending=True), limit=1000)
         assert all(h.freq <= 0.02 for h in rare) and [h.freq for h in rare] == sorted((h.freq for h in rare),
                                                                                       reverse=True)
         top = store.top("max_act", limit=5)
         assert [h.max_act for h in top] == sorted((h.max_act for h in store.search(limit=1000)), reverse=True)[:5]
         assert len(store.top("freq", kind="neuron", limit=3)) == 3
-        assert store.count() == 64 and store.count(kind="neuron") == 64
-        assert store.search("100%_", limit=5) == []  # LIKE wildcards are matched literally
+        assert store.count() == 64 and store.count(UnitQuery(kind="neuron")) == 64
+        assert store.search(UnitQuery("100%_"), limit=5) == []  # LIKE wildcards are matched literally
+        tagged_as = store.search(UnitQuery(tag=("city", None, None)), limit=1000)
+        assert tagged_as == [] and store.count(UnitQuery(tag=("city", None, None))) == 0
         with pytest.raises(SaekitError, match="cannot order by 'loudness'"):
-            store.search(order_by="loudness")
+            store.search(UnitQuery(order_by="loudness"))
         with pytest.raises(SaekitError, match="unknown unit kind 'latent'"):
-            store.search(kind="latent")
+            store.search(UnitQuery(kind="latent"))
+        with pytest.raises(SaekitError, match="unknown status 'asleep'"):
+            store.count(UnitQuery(status="asleep"))
 
 
 def test_summary_counts_and_metadata(built):
     folder, analysis, meta = built
-    with FeatureStore.open(store_path(folder)) as store:
+    with FeatureStore.open(store_in(folder)) as store:
         s = store.summary()
     feats = s["units"]["feature"]
     assert feats["total"] == 64 and feats["live"] + feats["dead"] + feats["dense"] == 64 and feats["dead"] >= 1
@@ -130,7 +134,7 @@ def test_summary_counts_and_metadata(built):
 
 
 def test_out_of_range_indices_name_the_valid_range(built):
-    with FeatureStore.open(store_path(built[0])) as store:
+    with FeatureStore.open(store_in(built[0])) as store:
         with pytest.raises(SaekitError, match=r"feature index 64 is out of range: this store has features 0\.\.63"):
             store.feature(64)
         with pytest.raises(SaekitError, match=r"neuron index -1 is out of range: this store has neurons 0\.\.63"):
@@ -155,10 +159,12 @@ def test_labeler_tables_roundtrip_and_show_on_pages(db):
         assert [t.value for t in store.find_tags(entity_type="city")] == ["France", "Japan"]  # best f1 first
         assert store.find_tags(min_f1=0.5, kind="feature")[0].index == 3
         assert store.probes("city")[0].details == {"C": 1.0}
-        assert [h.index for h in store.search("France")] == [3]
-        assert [h.index for h in store.search("french")] == [3]  # explanations, case-insensitive
-        assert [h.index for h in store.search(semantic_class="monosemantic")] == [3]
-        assert [h.index for h in store.search(tagged=True)] == [3]
+        assert [h.index for h in store.search(UnitQuery("France"))] == [3]
+        assert [h.index for h in store.search(UnitQuery("french"))] == [3]  # explanations, case-insensitive
+        assert [h.index for h in store.search(UnitQuery(semantic_class="monosemantic"))] == [3]
+        assert [h.index for h in store.search(UnitQuery(tagged=True))] == [3]
+        assert [h.index for h in store.search(UnitQuery(tag=("city", "country", "France")))] == [3]
+        assert [h.index for h in store.search(UnitQuery(kind="neuron", tag=(None, None, "Japan")))] == [5]
         assert store.top("f1", limit=1)[0].index == 3
         store.write_semantics([Semantics("feature", 3, 0.2, "polysemantic")])  # replaces the unit's row
         assert store.semantics_for("feature", 3).cls == "polysemantic"
@@ -189,26 +195,28 @@ def test_unknown_or_older_schema_versions_are_refused(db, tmp_path):
         FeatureStore.open(other)
     with pytest.raises(SaekitError, match="no feature store at .*saekit analyze"):
         FeatureStore.open(tmp_path / "missing.db")
+    with pytest.raises(SaekitError, match="is a folder; pass the path of the feature store file inside it"):
+        FeatureStore.open(tmp_path)
 
 
 def test_rebuild_keeps_labels_only_for_the_same_sae(built, tmp_path):
     _, analysis, meta = built
     path = tmp_path / "features.db"
-    write_store(path, analysis, vocab=VOCAB, meta=meta)
+    write_analysis(path, analysis, vocab=VOCAB, meta=meta)
     with FeatureStore.open(path, writable=True) as store:
         store.write_tags([Tag("feature", 1, "animal", "class", "mammal", f1=0.7)])
-    write_store(path, analysis, vocab=VOCAB, meta=meta)
+    write_analysis(path, analysis, vocab=VOCAB, meta=meta)
     with FeatureStore.open(path) as store:
         assert [t.value for t in store.tags_for("feature", 1)] == ["mammal"]
         assert store.con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    write_store(path, analysis, vocab=VOCAB, meta={**meta, "sae_sha256": "another SAE"})
+    write_analysis(path, analysis, vocab=VOCAB, meta={**meta, "sae_sha256": "another SAE"})
     with FeatureStore.open(path) as store:
         assert store.tags_for("feature", 1) == []
 
 
 def test_parquet_and_neuronpedia_exports(built, tmp_path):
     folder, analysis, _ = built
-    files = export_parquet(store_path(folder), tmp_path / "pq")
+    files = export_parquet(store_in(folder), tmp_path / "pq")
     tables = {f.stem: pq.read_table(f) for f in files}
     assert tables["units"].num_rows == 128
     ex = tables["examples"].to_pylist()
@@ -217,7 +225,7 @@ def test_parquet_and_neuronpedia_exports(built, tmp_path):
     assert all(len(e["tokens"]) == len(e["acts"]) == len(e["token_ids"]) for e in ex)
     assert {"logits", "related", "intervals", "tags", "meta"} <= set(tables)
 
-    batches = export_neuronpedia(store_path(folder), tmp_path / "np")
+    batches = export_neuronpedia(store_in(folder), tmp_path / "np")
     feats = [f for b in batches for f in json.loads(b.read_text())["features"]]
     assert len(feats) == 64 and json.loads(batches[0].read_text())["layer"] == 1
     f = feats[0]
@@ -227,7 +235,7 @@ def test_parquet_and_neuronpedia_exports(built, tmp_path):
     bins = [a for a in f["activations"] if a["bin_min"] != -1]
     assert bins and all({"bin_min", "bin_max", "bin_contains", "tokens", "values"} <= set(a) for a in bins)
     assert all(0 < a["bin_contains"] <= 1 and a["bin_min"] < a["bin_max"] for a in bins)
-    neurons = export_neuronpedia(store_path(folder), tmp_path / "npn", kind="neuron", batch_size=50)
+    neurons = export_neuronpedia(store_in(folder), tmp_path / "npn", kind="neuron", batch_size=50)
     assert len(neurons) == 2
 
 
@@ -235,7 +243,7 @@ def test_bundle_loads_with_sae_lens_and_plain_sqlite(built, tmp_path):
     from sae_lens import SAE
 
     folder, _, _ = built
-    out = export_bundle(folder, tmp_path / "bundle")
+    out = export_bundle(folder, store_in(folder), tmp_path / "bundle")
     readme = json.loads((out / "README.json").read_text())
     assert readme["features_db"]["schema_version"] == SCHEMA_VERSION and "units" in readme["features_db"]["tables"]
     sae = SAE.load_from_disk(str(out))
@@ -250,13 +258,13 @@ def test_bundle_loads_with_sae_lens_and_plain_sqlite(built, tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one self-contained file
     con.close()
     with pytest.raises(SaekitError, match="already exists"):
-        export_bundle(folder, out)
-    export_bundle(folder, out, overwrite=True)
+        export_bundle(folder, store_in(folder), out)
+    export_bundle(folder, store_in(folder), out, overwrite=True)
     assert FeatureStore.open(out / "features.db").feature(2).index == 2
 
 
 def test_cli_analyze_and_export(tmp_path, tiny_llama_dir, capsys):
-    from sae.cli import main
+    from features.cli import main
 
     config = {"name": "cli", "runs_dir": str(tmp_path / "runs"),
               "model": {"name": str(tiny_llama_dir), "device": "cpu"},
@@ -266,8 +274,8 @@ def test_cli_analyze_and_export(tmp_path, tiny_llama_dir, capsys):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
     folder = tmp_path / "runs" / "cli" / "saes" / "blocks.2.hook_mlp_out-topk-x2-k8"
-    sae = build_sae(SAEConfig(d_in=64, d_sae=128, k=8, hook_name="blocks.2.hook_mlp_out",
-                              model_name=tiny_llama_dir.name))
+    sae = build_sae(SAEShape(d_in=64, d_sae=128), TopKConfig(k=8),
+                    Provenance(model_name=tiny_llama_dir.name, hook_name="blocks.2.hook_mlp_out"))
     save_sae(sae, folder, metadata={"context_size": 32, "prepend_bos": False})
     assert main(["analyze", "--config", str(path)]) == 0
     out = capsys.readouterr().out
@@ -283,7 +291,8 @@ def test_cli_analyze_and_export(tmp_path, tiny_llama_dir, capsys):
         page = store.feature(int(store.top("max_act", limit=1)[0].index))
         assert page.top_examples and all(isinstance(t, str) for t in page.top_examples[0].tokens)
 
-    other = build_sae(SAEConfig(d_in=64, d_sae=128, k=8, hook_name="blocks.2.hook_mlp_out", model_name="gpt2"))
+    other = build_sae(SAEShape(d_in=64, d_sae=128), TopKConfig(k=8),
+                      Provenance(model_name="gpt2", hook_name="blocks.2.hook_mlp_out"))
     save_sae(other, tmp_path / "foreign", metadata={"context_size": 32, "prepend_bos": False})
     assert main(["analyze", "--config", str(path), "--sae", str(tmp_path / "foreign")]) == 2
     assert "model mismatch" in capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""The feature browser (app_streamlit.py) page by page, through Streamlit's AppTest, on small stores built here:
-every page renders, searches and filters find what they should, links and buttons lead to the right unit, and
-bad input (no store, a wrong file, an id out of range, a model that cannot be loaded) gives a page that says
-what is wrong instead of a traceback. Live text and steering run on a tiny local Llama (marked `real`, since
-its tokenizer comes from the embedded model). The browser end-to-end test is tests/test_viewer_browser.py.
+"""The feature browser (features/viewer, served from its APP_FILE) page by page, through Streamlit's AppTest, on
+small stores built here: every page renders, searches and filters find what they should, links and buttons lead
+to the right unit, and bad input (no store, a wrong file, an id out of range, a model that cannot be loaded) gives
+a page that says what is wrong instead of a traceback. Live text and steering run on a tiny local Llama (marked
+`real`, since its tokenizer comes from the embedded model). The browser end-to-end test is
+tests/test_viewer_browser.py.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import torch
 from streamlit.testing.v1 import AppTest
 from transformer_lens import HookedTransformer
 
-from features.analyze import analyze, vocab_strings
-from features.store import Explanation, FeatureStore, Probe, Semantics, Tag, store_path, write_store
-from features.viewer_html import histogram_html, tokens_html
-from sae.architectures import SAEConfig, build_sae
-from sae.config import AnalyzeConfig
-from sae.export import save_sae
+from features.analyze import AnalyzeConfig, analyze, vocab_strings, write_analysis
+from features.layout import store_in
+from features.store import Explanation, FeatureStore, Probe, Semantics, Tag
+from features.viewer import APP_FILE
+from features.viewer.markup import histogram_html, tokens_html
+from sae.formats import save_sae
+from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 
-APP = str(Path(__file__).resolve().parent.parent / "app_streamlit.py")
+REPO = Path(__file__).resolve().parent.parent
+APP = str(APP_FILE)  # what `saekit view` serves
+ROOT_APP = str(REPO / "app_streamlit.py")  # the thin entry for `streamlit run app_streamlit.py`
 ENV = ("SAEKIT_VIEW_RUN", "SAEKIT_VIEW_STORE", "SAEKIT_VIEW_SAE", "SAEKIT_VIEW_MODEL")
 SMALL = AnalyzeConfig(batch_size=8, top_examples=5, intervals=4, interval_examples=2, window_before=4,
                       window_after=2, n_logits=5, n_related=5)
@@ -42,8 +46,8 @@ def build_run(root: Path, model: HookedTransformer, model_ref: str, tokens: torc
     probes and an explanation written through the store API, as the labeler would."""
     sae_dir = root / "saes" / "tiny-topk"
     d_in = model.cfg.d_model
-    sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, k=4, hook_name=hook, model_name=model.cfg.model_name,
-                              encoder_bf16=False))
+    sae = build_sae(SAEShape(d_in=d_in, d_sae=d_sae), TopKConfig(k=4, encoder_bf16=False),
+                    Provenance(model_name=model.cfg.model_name, hook_name=hook))
     save_sae(sae, sae_dir, metadata={"context_size": tokens.shape[1], "prepend_bos": False})
     (sae_dir / "eval.json").write_text(json.dumps({"l0": 4.0, "fvu": 0.42, "ce_loss_recovered": 0.81}))
     analysis = analyze(model, sae, tokens, SMALL, progress=False)
@@ -51,10 +55,10 @@ def build_run(root: Path, model: HookedTransformer, model_ref: str, tokens: torc
             "sae": json.loads((sae_dir / "cfg.json").read_text()),
             "eval": json.loads((sae_dir / "eval.json").read_text()),
             "run_config": {"model": {"name": model_ref}, "corpus": {"source": "test"}}}
-    write_store(store_path(sae_dir), analysis, vocab=vocab_strings(model), meta=meta)
+    write_analysis(store_in(sae_dir), analysis, vocab=vocab_strings(model), meta=meta)
     (root / "config.yaml").write_text(f"name: {root.name}\n")
     if labels:
-        with FeatureStore.open(store_path(sae_dir), writable=True) as store:
+        with FeatureStore.open(store_in(sae_dir), writable=True) as store:
             best = store.top("max_act", limit=2)
             store.write_tags([
                 Tag("feature", best[0].index, "country", "continent", "Europe", 0.9, 0.6, 0.72, 0.93, 12,
@@ -96,12 +100,12 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) ->
     return build_run(tmp_path_factory.mktemp("viewer") / "llama", model, str(tiny_llama_dir), tokens, d_sae=128)
 
 
-def app(monkeypatch: pytest.MonkeyPatch, **env: str) -> AppTest:
+def app(monkeypatch: pytest.MonkeyPatch, script: str = APP, **env: str) -> AppTest:
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(f"SAEKIT_VIEW_{name.upper()}", str(value))
-    return AppTest.from_file(APP, default_timeout=120)
+    return AppTest.from_file(script, default_timeout=120)
 
 
 def open_page(at: AppTest, **params: object) -> AppTest:
@@ -157,7 +161,7 @@ def test_pages_without_labels_say_how_to_get_them(monkeypatch, bare_run):
 
 
 def test_feature_page(monkeypatch, tiny_run):
-    with FeatureStore.open(store_path(tiny_run / "saes" / "tiny-topk")) as store:
+    with FeatureStore.open(store_in(tiny_run / "saes" / "tiny-topk")) as store:
         best = store.top("max_act", limit=1)[0].index
         unit = store.feature(best)
     at = open_page(app(monkeypatch, run=tiny_run), page="feature", id=best)
@@ -230,7 +234,7 @@ def test_list_search_filter_sort_and_paging(monkeypatch, tiny_run):
 
 
 def test_navigation_buttons_and_open_form(monkeypatch, tiny_run):
-    at = open_page(app(monkeypatch, run=tiny_run), page="feature", id=5)
+    at = open_page(app(monkeypatch, ROOT_APP, run=tiny_run), page="feature", id=5)  # through the thin entry
     at.button(key="u_next").click().run()
     assert at.query_params["id"] == "6" and done_tag(at) == "feature-6"
     at.button(key="u_prev").click().run()
@@ -252,7 +256,7 @@ def test_feature_id_out_of_range_shows_message_and_list(monkeypatch, tiny_run, b
     assert len(at.dataframe[0].value) > 0
 
 
-def test_missing_store_path(monkeypatch, tmp_path):
+def test_missing_store_in(monkeypatch, tmp_path):
     at = open_page(app(monkeypatch, store=tmp_path / "nowhere" / "features.db"))
     assert done_tag(at) == "missing"
     msg = at.error[0].value
@@ -307,34 +311,29 @@ def test_export_page(monkeypatch, tiny_run):
 
 def test_export_data(tiny_run, tmp_path):
     """What the export buttons hand out: a zip of the bundle, the table, Neuronpedia batches."""
-    import importlib.util
     import io
 
     import pandas as pd
 
     from features import export
-
-    spec = importlib.util.spec_from_file_location("app_streamlit", APP)
-    viewer = importlib.util.module_from_spec(spec)
-    sys.modules["app_streamlit"] = viewer
-    spec.loader.exec_module(viewer)  # importable without a running Streamlit server
+    from features.viewer import export_page  # importable without a running Streamlit server
 
     sae_dir = tiny_run / "saes" / "tiny-topk"
-    data = viewer.zip_folder(lambda out: export.export_bundle(sae_dir, out), "tiny-topk")
+    data = export_page.zip_folder(lambda out: export.export_bundle(sae_dir, store_in(sae_dir), out), "tiny-topk")
     names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     assert {"tiny-topk/cfg.json", "tiny-topk/sae_weights.safetensors", "tiny-topk/features.db",
             "tiny-topk/README.json"} <= set(names)
-    with FeatureStore.open(store_path(sae_dir)) as store:
+    with FeatureStore.open(store_in(sae_dir)) as store:
         df = pd.DataFrame(store.unit_table("feature"))
     assert len(df) == 64 and {"idx", "freq", "semantic_class", "best_f1"} <= set(df.columns)
-    assert pd.read_parquet(io.BytesIO(viewer.parquet_bytes(df)))["idx"].tolist() == list(range(64))
+    assert pd.read_parquet(io.BytesIO(export_page.parquet_bytes(df)))["idx"].tolist() == list(range(64))
 
 
 def test_view_command(monkeypatch, tiny_run):
-    """`saekit view` serves app_streamlit.py with the run, localhost only, no file watcher."""
+    """`saekit view` serves the viewer's APP_FILE with the run, localhost only, no file watcher."""
     import subprocess
 
-    from sae import cli
+    from features import cli
 
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
@@ -343,6 +342,29 @@ def test_view_command(monkeypatch, tiny_run):
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == APP
     assert cmd[cmd.index("--server.port") + 1] == "8765" and cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--") + 1:] == ["--run", str(tiny_run), "--device", "cpu"]
+
+
+@pytest.mark.parametrize("script", [APP, ROOT_APP])
+def test_command_line_arguments(monkeypatch, tiny_run, script):
+    """`streamlit run <script> -- --store S --sae X --device D` (how `saekit view` passes them) reaches the
+    viewer, through APP_FILE and through the thin entry at the repository root."""
+    sae_dir = tiny_run / "saes" / "tiny-topk"
+    at = app(monkeypatch, script)  # no SAEKIT_VIEW_* variables: only the arguments say what to browse
+    monkeypatch.setattr(sys, "argv", [script, "--store", str(store_in(sae_dir)), "--sae", str(sae_dir),
+                                      "--device", "cpu"])
+    at = open_page(at, page="overview")
+    assert done_tag(at) == "overview" and at.title[0].value == "Overview · tiny-topk"
+
+
+def test_app_file_without_streamlit():
+    """The CLI reads APP_FILE from `features.viewer` without loading Streamlit."""
+    import subprocess
+
+    code = ("import sys; from features.viewer import APP_FILE; assert APP_FILE.is_file(), APP_FILE; "
+            "assert 'streamlit' not in sys.modules; print(APP_FILE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == APP
 
 
 def test_html_pieces():
@@ -382,7 +404,7 @@ def test_live_text_and_steering(monkeypatch, llama_run):
 
 @pytest.mark.real
 def test_live_model_directly(llama_run, tiny_llama_dir):
-    from features.viewer_live import load_live
+    from features.viewer.live import load_live
 
     live = load_live(llama_run / "saes" / "tiny-topk", str(tiny_llama_dir))
     res = live.run("Paris is the capital of France.")
@@ -403,10 +425,10 @@ def test_bench_script_measures_pages(monkeypatch, tiny_run):
     for name in ENV:  # the script sets SAEKIT_VIEW_STORE; setenv records the old state, so it is restored
         monkeypatch.setenv(name, "")
 
-    spec = importlib.util.spec_from_file_location("bench_viewer", Path(APP).parent / "scripts" / "bench_viewer.py")
+    spec = importlib.util.spec_from_file_location("bench_viewer", REPO / "scripts" / "bench_viewer.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    script, apptest = bench.server_side(store_path(tiny_run / "saes" / "tiny-topk"), [3, 4], 1)
+    script, apptest = bench.server_side(store_in(tiny_run / "saes" / "tiny-topk"), [3, 4], 1)
     assert set(script) == {"overview", "overview_cold", "feature_page", "feature_page_cold", "filtered_list",
                            "filtered_list_cold"} == set(apptest)
     assert all(0 < script[k] <= apptest[k] for k in script)

@@ -1,4 +1,4 @@
-"""End to end in a real browser: `streamlit run app_streamlit.py` on a small real store, driven by headless
+"""End to end in a real browser: `streamlit run` of the viewer's APP_FILE on a small real store, driven by headless
 Chromium through Playwright. Opens the overview, searches for a tagged feature and opens it by clicking its row,
 checks the highlighted examples and the tags, runs live text and steering, and saves a screenshot of each page
 under test-output/viewer/ (gitignored; the path is printed).
@@ -109,9 +109,10 @@ def wait_done(pg: object, tag: str | None = None, after: int = 0, timeout: float
 
 
 def test_browse_search_open_and_live_text(page, server, llama_run):  # noqa: F811
-    from features.store import FeatureStore, store_path
+    from features.layout import store_in
+    from features.store import FeatureStore
 
-    with FeatureStore.open(store_path(llama_run / "saes" / "tiny-topk")) as store:
+    with FeatureStore.open(store_in(llama_run / "saes" / "tiny-topk")) as store:
         tagged = store.find_tags(value="Europe", kind="feature")[0].index
     pg = page
 

@@ -1,5 +1,6 @@
-"""HTML pieces of the feature browser (app_streamlit.py): highlighted token text, link tables, a histogram and
-small tables. Plain functions returning strings, so they are cheap to test and the page stays readable.
+"""HTML pieces of the feature browser: highlighted token text, link tables, a histogram and small tables, and the
+number and tag formats the pages share. Plain functions returning strings, so they are cheap to test and the
+pages stay readable.
 
 The feature page is the viewer's hot path, so it is built from this HTML (one `st.html` each) rather than from
 chart and grid widgets, which each load a large script bundle in the browser. `st.html` sanitises its input
@@ -170,8 +171,17 @@ def histogram_html(edges: Sequence[float], counts: Sequence[int]) -> str:
             "</div>")
 
 
-def _num(v: float | None, spec: str = ".3f") -> str:
-    return "–" if v is None or not math.isfinite(v) else format(v, spec)
+def fmt(v: object, spec: str = ".3f") -> str:
+    """A figure, or a dash where there is none (None, NaN, inf) so tables never show "nan"."""
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def best_tag(tags: Sequence[Tag]) -> str:
+    """The first (best) tag of a unit as one line, e.g. `country.continent=Europe (F1 0.72)`."""
+    if not tags:
+        return ""
+    t = tags[0]
+    return f"{t.entity_type}.{t.attribute}={t.value}" + (f" (F1 {t.f1:.2f})" if t.f1 is not None else "")
 
 
 def tags_html(tags: Sequence[Tag]) -> str:
@@ -183,10 +193,10 @@ def tags_html(tags: Sequence[Tag]) -> str:
     for t in tags:
         ents = [str(e) for e in t.entities]
         shown = ", ".join(ents[:8]) + (f" … +{len(ents) - 8} more" if len(ents) > 8 else "")
-        causal = _num(t.causal_effect, "+.3f") + (f" ({t.causal_status})" if t.causal_status else "")
+        causal = fmt(t.causal_effect, "+.3f") + (f" ({t.causal_status})" if t.causal_status else "")
         rows.append(f'<tr class="sk-r"><td><b>{html.escape(t.entity_type)}.{html.escape(t.attribute)}</b> = '
-                    f"{html.escape(t.value)}</td><td class='n'>{_num(t.precision)}</td><td class='n'>{_num(t.recall)}"
-                    f"</td><td class='n'>{_num(t.f1)}</td><td class='n'>{_num(t.auroc)}</td>"
+                    f"{html.escape(t.value)}</td><td class='n'>{fmt(t.precision)}</td><td class='n'>{fmt(t.recall)}"
+                    f"</td><td class='n'>{fmt(t.f1)}</td><td class='n'>{fmt(t.auroc)}</td>"
                     f"<td class='n'>{html.escape(causal)}</td></tr>")
         if ents:
             rows.append(f'<tr><td colspan="6" class="tok" title="{html.escape(", ".join(ents), quote=True)}">'

@@ -1,25 +1,28 @@
-"""The run's stages as plain functions over one run directory (`runs/<name>/`).
+"""The run's stages as plain functions over one run directory; the only layer that knows a whole RunConfig.
 
-Each stage reads the previous stage's artifact from disk, so any stage can be rerun alone and an
-interrupted stage resumes from what is already there.
+Each stage reads the previous stage's artifact from disk (paths from `RunLayout`), so any stage can be
+rerun alone and an interrupted stage resumes from what is already there. The stages themselves live
+below: `sae.cache`, `sae.trainer`, `sae.evaluate`, `features.analyze`, `features.labeling`,
+`features.report`; this module only wires them.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformer_lens import HookedTransformer
 
+from features.layout import store_in
+from features.run_config import RunConfig, save_config
 from sae import corpus
-from sae.cache import hook_dir, write_cache
-from sae.config import RunConfig, save_config
 from sae.io import atomic_save_tensors
-from sae.models import load_model, validate_hooks
 
-TOKENS_FILE = "tokens.safetensors"
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def say(msg: str) -> None:
@@ -27,6 +30,8 @@ def say(msg: str) -> None:
 
 
 def run_model(cfg: RunConfig) -> HookedTransformer:
+    from sae.models import load_model
+
     t0 = time.perf_counter()
     model = load_model(cfg.model.name, cfg.model.device)
     say(f"model {model.cfg.model_name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
@@ -34,9 +39,14 @@ def run_model(cfg: RunConfig) -> HookedTransformer:
     return model
 
 
+def start_run(cfg: RunConfig) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.layout.config)
+
+
 def prepare_tokens(cfg: RunConfig, model: HookedTransformer) -> dict[str, torch.Tensor]:
-    """Tokenise the corpus into train / held-out sequences once per run, kept in tokens.safetensors."""
-    path = cfg.run_dir / TOKENS_FILE
+    """Tokenise the corpus into train / held-out sequences once per run, kept in the run's token file."""
+    path = cfg.layout.tokens
     c = cfg.corpus
     fingerprint = corpus.corpus_fingerprint(c.source, model.cfg.model_name, c.context_size, c.max_sequences,
                                             c.held_out_fraction, c.seed)
@@ -59,54 +69,57 @@ def prepare_tokens(cfg: RunConfig, model: HookedTransformer) -> dict[str, torch.
 
 def stage_cache(cfg: RunConfig, model: HookedTransformer, overwrite: bool = False) -> dict[str, Path]:
     """Cache every configured hook over the train split."""
+    from sae.cache import write_cache
+    from sae.hooks import validate_hooks
+
     validate_hooks(model, cfg.cache.hooks)
-    tokens = prepare_tokens(cfg, model)
-    train = tokens["train"]
-    fingerprint = corpus.token_fingerprint(train)
-    cache_dir = cfg.run_dir / "cache"
+    train = prepare_tokens(cfg, model)["train"]
+    cache_dir = cfg.layout.cache_dir
     say(f"caching {', '.join(cfg.cache.hooks)} over {train.numel():,} tokens ({cfg.cache.dtype}) -> {cache_dir}")
     t0 = time.perf_counter()
-    folders = write_cache(model, train, cfg.cache.hooks, cache_dir, corpus_fingerprint=fingerprint,
+    folders = write_cache(model, train, cfg.cache.hooks, cache_dir, corpus_fingerprint=corpus.token_fingerprint(train),
                           dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size,
                           shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite)
-    say(f"cache complete ({time.perf_counter() - t0:.0f}s): " + ", ".join(str(hook_dir(cache_dir, h)) for h in folders))
+    say(f"cache complete ({time.perf_counter() - t0:.0f}s): " + ", ".join(str(p) for p in folders.values()))
     return folders
 
 
 def sae_dirs(cfg: RunConfig) -> list[Path]:
-    return [cfg.run_dir / "saes" / spec.sae_id for spec in cfg.train.saes]
+    return [cfg.layout.sae(spec.sae_id) for spec in cfg.train.saes]
 
 
 def stage_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> list[Path]:
     """Train the configured SAEs; in a pipeline run, finished work is skipped and unfinished work resumed."""
-    from sae.train import CHECKPOINT_FILE, checkpoint_step, train
+    from features.training import train_from_cache
+    from sae.checkpoint import checkpoint_step
+    from sae.formats import CFG_FILE
 
-    ckpt = cfg.run_dir / "checkpoints" / CHECKPOINT_FILE
     total = cfg.train.total_tokens // cfg.train.batch_size
-    step = checkpoint_step(ckpt)
-    if step == total and not overwrite and all((d / "cfg.json").is_file() for d in sae_dirs(cfg)):
+    step = checkpoint_step(cfg.layout.checkpoint)
+    if step == total and not overwrite and all((d / CFG_FILE).is_file() for d in sae_dirs(cfg)):
         say(f"SAEs already trained ({total} steps): " + ", ".join(str(d) for d in sae_dirs(cfg)))
         return sae_dirs(cfg)
     say(f"training {len(cfg.train.saes)} SAE(s) on {cfg.train.total_tokens:,} tokens in batches of "
         f"{cfg.train.batch_size:,}" + (f", resuming at step {step}" if resume and step else ""))
     t0 = time.perf_counter()
-    out = train(cfg, resume=resume, overwrite=overwrite)
+    out = train_from_cache(cfg, resume=resume, overwrite=overwrite)
     say(f"trained in {time.perf_counter() - t0:.0f}s -> " + ", ".join(str(d) for d in out))
     return out
 
 
 def stage_eval(cfg: RunConfig, model: HookedTransformer) -> list[dict]:
-    """Evaluate every trained SAE on the held-out split; writes saes/<id>/eval.json."""
-    from sae.evaluate import evaluate
-    from sae.export import load_sae
+    """Evaluate every trained SAE on the held-out split; writes each SAE's eval.json."""
+    from sae.evaluate import evaluate_sae
+    from sae.formats import load_sae
 
     held_out = prepare_tokens(cfg, model)["held_out"]
     results = []
-    for folder in sae_dirs(cfg):
-        sae = load_sae(folder)
+    for spec in cfg.train.saes:
+        folder = cfg.layout.sae(spec.sae_id)
         say(f"evaluating {folder.name} on {len(held_out):,} held-out sequences "
             f"(CE loss on {min(cfg.eval.sequences, len(held_out))})")
-        res = evaluate(model, sae, held_out, cfg.eval.sequences, cfg.eval.batch_size, folder / "eval.json")
+        res = evaluate_sae(model, load_sae(folder), held_out, cfg.eval.sequences, cfg.eval.batch_size,
+                           cfg.layout.eval_file(spec.sae_id))
         say(f"{folder.name}: L0 {res['l0']:.1f} | FVU {res['fvu']:.3f} | CE loss recovered "
             f"{res['ce_loss_recovered']:.3f} | KL {res['kl_div']:.3f} | dead {res['dead_fraction']:.1%} "
             f"| dense {res['dense_fraction']:.1%}")
@@ -114,10 +127,15 @@ def stage_eval(cfg: RunConfig, model: HookedTransformer) -> list[dict]:
     return results
 
 
+def _read_eval(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = False,
                   sae_folders: list[Path] | None = None) -> list[Path]:
-    """Analyse every SAE's features and its layer's neurons into saes/<id>/features.db (skipped when current)."""
+    """Analyse every SAE's features and its layer's neurons into its feature store (skipped when current)."""
     from features.analyze import run_analysis, select_tokens
+    from features.run_config import config_to_dict
     from features.store import FeatureStore, density_note
 
     splits = prepare_tokens(cfg, model)
@@ -127,7 +145,9 @@ def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fa
         say(f"analysing {folder.name}: features and {'neurons' if cfg.analyze.neurons else 'no neurons'} over "
             f"{n_tokens:,} tokens ({cfg.analyze.split})")
         t0 = time.perf_counter()
-        path, built = run_analysis(cfg, model, folder, splits, overwrite=overwrite)
+        meta = {"eval": _read_eval(cfg.layout.eval_file(folder.name)), "run_config": config_to_dict(cfg)}
+        path, built = run_analysis(model, folder, store_in(folder), splits, cfg.analyze,
+                                   cache_dir=cfg.layout.cache_dir, meta=meta, overwrite=overwrite)
         with FeatureStore.open(path) as store:
             units = store.summary()["units"]
         counts = " | ".join(f"{kind}s: {c['live']:,} live, {c['dead']:,} dead, {c['dense']:,} dense"
@@ -140,18 +160,19 @@ def stage_analyze(cfg: RunConfig, model: HookedTransformer, overwrite: bool = Fa
 
 def stage_label(cfg: RunConfig, model: HookedTransformer, sae_folders: list[Path] | None = None) -> list[Path]:
     """Label each SAE's features and neurons with entity attributes (tags, probes, causal checks, semantics) into
-    its feature store; reports go to runs/<name>/reports/<sae-id>/label.md. Needs `stage_analyze` first."""
-    from features.label import run_label
-    from features.report import headline
+    its feature store, and write its report. Needs `stage_analyze` first."""
+    from features.labeling import run_label
+    from features.report import headline, write_report
 
     if sae_folders is None:
-        sae_folders = [cfg.run_dir / "saes" / cfg.label.sae] if cfg.label.sae else sae_dirs(cfg)
+        sae_folders = [cfg.layout.sae(cfg.label.sae)] if cfg.label.sae else sae_dirs(cfg)
     reports = []
     for folder in sae_folders:
         say(f"labeling {folder.name} with entity attributes ({cfg.label.entities} entity sets)")
         t0 = time.perf_counter()
-        result, semantics, report = run_label(cfg, model, folder, log=lambda m: say(m))
-        h = headline(result, semantics)
+        outcome = run_label(model, folder, store_in(folder), cfg.label, log=say)
+        report = write_report(cfg.layout.report(folder.name), outcome)
+        h = headline(outcome.result, outcome.semantics)
         parts = []
         for kind in ("feature", "neuron"):
             if kind in h:
@@ -162,8 +183,3 @@ def stage_label(cfg: RunConfig, model: HookedTransformer, sae_folders: list[Path
         say(f"labeled in {time.perf_counter() - t0:.0f}s: " + "; ".join(parts) + f" -> {report}")
         reports.append(report)
     return reports
-
-
-def start_run(cfg: RunConfig) -> None:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")

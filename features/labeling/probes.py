@@ -4,7 +4,7 @@ For one attribute (entities x units activations, one class per entity) this modu
 
 - ``full``: multinomial logistic regression (L2, LBFGS) on every dimension of the activations;
 - ``1-sparse``: the same on the single best unit. Units are ranked by a class-separation score on the training
-  split (the one-way ANOVA F statistic: between-class over within-class variance); the top `candidates` are fitted
+  split (the one-way ANOVA F statistic: between-class over within-class variance); the top CANDIDATES are fitted
   one by one and the one with the best *training* accuracy is kept. Fitting a few instead of trusting the score
   alone guards against a unit whose large F comes from one outlier entity;
 - ``k-sparse``: the same on `k` units, chosen round-robin over classes by each class's one-vs-rest standardised
@@ -20,17 +20,33 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from features.labeling.config import LabelConfig
+from features.store import Kind, Probe
+
+if TYPE_CHECKING:
+    from features.labeling.knowledge import KnownAttribute
+
+CANDIDATES = 16  # single units fitted for the 1-sparse probe (the best by class separation on the training split)
+
 
 def stable_hash(text: str) -> int:
+    """A hash that is the same on every run and machine (Python's `hash` of a str is salted per process)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def split_train_test(names: list[str], labels: Tensor, test_fraction: float) -> tuple[Tensor, Tensor]:
+class Split(NamedTuple):
+    """Indices of the training and the held-out entities."""
+
+    train: Tensor
+    test: Tensor
+
+
+def split_train_test(names: list[str], labels: Tensor, test_fraction: float) -> Split:
     """(train indices, test indices): per class, the ceil(test_fraction * n) entities first by name hash held out."""
     train, test = [], []
     for c in torch.unique(labels).tolist():
@@ -38,7 +54,7 @@ def split_train_test(names: list[str], labels: Tensor, test_fraction: float) -> 
         n_test = min(math.ceil(test_fraction * len(idx)), len(idx) - 1) if len(idx) > 1 else 0
         test += idx[:n_test]
         train += idx[n_test:]
-    return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(test), dtype=torch.long)
+    return Split(torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(test), dtype=torch.long))
 
 
 def _standardise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,6 +141,8 @@ def select_k(x: Tensor, y: Tensor, n_classes: int, k: int) -> list[int]:
 
 @dataclass
 class ProbeResult:
+    """One probe's held-out and training accuracy, the units it reads (sparse probes) and method details."""
+
     method: str
     accuracy: float
     train_accuracy: float
@@ -132,37 +150,67 @@ class ProbeResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def probe_suite(x: Tensor, y: Tensor, train: Tensor, test: Tensor, n_classes: int, *, sparse: bool, k: int = 8,
-                candidates: int = 16, l2: float = 1e-2, steps: int = 200) -> list[ProbeResult]:
-    """Held-out accuracy of the full probe (sparse=False) or of the 1-sparse and k-sparse probes (sparse=True)
-    on x [N, d] with classes y [N]."""
+def full_probe(x: Tensor, y: Tensor, split: Split, n_classes: int, l2: float = 1e-2,
+               steps: int = 200) -> ProbeResult:
+    """Held-out accuracy of logistic regression on every column of x [N, d] with classes y [N]."""
     x = x.float()
-    y_tr, y_te = y[train], y[test]
-    if not sparse:
-        xtr, xte = _standardise(x[train], x[test])
-        w, b = fit_logreg(xtr[None], y_tr, n_classes, l2, steps)
-        return [ProbeResult("full", float(_accuracy(xte[None], y_te, w, b)[0]),
-                            float(_accuracy(xtr[None], y_tr, w, b)[0]), details={"dims": x.shape[1]})]
-    xtr_all, xte_all = _standardise(x[train], x[test])
-    live = (x[train].std(0, unbiased=False) > 1e-6).nonzero().flatten()
-    results = []
+    xtr, xte = _standardise(x[split.train], x[split.test])
+    y_tr, y_te = y[split.train], y[split.test]
+    w, b = fit_logreg(xtr[None], y_tr, n_classes, l2, steps)
+    return ProbeResult("full", float(_accuracy(xte[None], y_te, w, b)[0]), float(_accuracy(xtr[None], y_tr, w, b)[0]),
+                       details={"dims": x.shape[1]})
+
+
+def sparse_probes(x: Tensor, y: Tensor, split: Split, n_classes: int, k: int = 8, l2: float = 1e-2,
+                  steps: int = 200) -> list[ProbeResult]:
+    """Held-out accuracy of the 1-sparse and the k-sparse probe on x [N, U] with classes y [N]."""
+    x = x.float()
+    y_tr, y_te = y[split.train], y[split.test]
+    xtr_all, xte_all = _standardise(x[split.train], x[split.test])
+    live = (x[split.train].std(0, unbiased=False) > 1e-6).nonzero().flatten()
     if len(live) == 0:
         return [ProbeResult("1-sparse", float("nan"), float("nan")), ProbeResult(f"{k}-sparse", float("nan"),
                                                                                   float("nan"))]
     f = f_statistic(xtr_all[:, live], y_tr, n_classes)
-    cand = live[f.argsort(descending=True)[:candidates]]
+    cand = live[f.argsort(descending=True)[:CANDIDATES]]
     xtr = xtr_all[:, cand].T[:, :, None]  # [G, N, 1]
     xte = xte_all[:, cand].T[:, :, None]
     w, b = fit_logreg(xtr, y_tr, n_classes, l2, steps)
     tr_acc = _accuracy(xtr, y_tr, w, b)
     best = int(tr_acc.argmax())
     te_acc = _accuracy(xte, y_te, w, b)
-    results.append(ProbeResult("1-sparse", float(te_acc[best]), float(tr_acc[best]), [int(cand[best])],
-                               {"candidates": [int(c) for c in cand],
-                                "f_statistic": round(float(f.max()), 4)}))
+    results = [ProbeResult("1-sparse", float(te_acc[best]), float(tr_acc[best]), [int(cand[best])],
+                           {"candidates": [int(c) for c in cand], "f_statistic": round(float(f.max()), 4)})]
     chosen = [int(live[i]) for i in select_k(xtr_all[:, live], y_tr, n_classes, k)]
     xtr, xte = xtr_all[:, chosen][None], xte_all[:, chosen][None]
     w, b = fit_logreg(xtr, y_tr, n_classes, l2, steps)
     results.append(ProbeResult(f"{k}-sparse", float(_accuracy(xte, y_te, w, b)[0]),
                                float(_accuracy(xtr, y_tr, w, b)[0]), chosen))
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 4 of the labeler: the probes of one attribute, as store rows
+
+
+def attribute_probes(a: KnownAttribute, x_in: Tensor, units: dict[Kind, Tensor], names: list[str],
+                     cfg: LabelConfig) -> list[Probe]:
+    """The full probe on the SAE's input (x_in [n sampled, d]) and the sparse probes on each kind's units
+    ([n sampled, U]) for one attribute's known entities (`names` are theirs, in `a.rows` order)."""
+    rep = a.report
+    n_classes = len(rep.values)
+    split = split_train_test(names, a.labels, cfg.test_fraction)
+    baseline = float(torch.bincount(a.labels[split.test], minlength=n_classes).max()) / max(len(split.test), 1)
+    common = {"values": [v for v, _ in rep.values]}
+
+    def row(kind: Kind, res: ProbeResult, details: dict[str, Any]) -> Probe:
+        return Probe(kind, rep.entity_type, rep.attribute, res.method, res.accuracy, baseline, len(split.train),
+                     len(split.test), {**common, **res.details, "train_accuracy": res.train_accuracy, **details})
+
+    full = full_probe(x_in[a.rows], a.labels, split, n_classes, l2=cfg.probe_l2, steps=cfg.probe_steps)
+    out = [row("feature", full, {"input": "the SAE's input hook (shared by both kinds)"})]
+    for kind, acts in units.items():
+        for res in sparse_probes(acts[a.rows], a.labels, split, n_classes, k=cfg.probe_k, l2=cfg.probe_l2,
+                                 steps=cfg.probe_steps):
+            out.append(row(kind, res, {"units": res.units}))
+    return out

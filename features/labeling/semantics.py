@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from features.entities import EntitySet
-from features.store import KINDS, FeatureStore, Semantics
+from features.labeling.entities import EntitySet
+from features.store import KINDS, FeatureStore, Kind, Semantics
 
 MIN_FIRES = 10
 MIN_EXAMPLES = 5
@@ -260,7 +260,9 @@ class Concepts:
 
 @dataclass
 class UnitSemantics:
-    kind: str
+    """One unit's score, class and best concepts (a store `Semantics` row plus the top-only score)."""
+
+    kind: Kind
     index: int
     score: float | None
     cls: str
@@ -299,7 +301,7 @@ def _score(concepts: list[dict[str, Any]]) -> float:
     return max((d["p_low"] for d in concepts if d["llr"] >= specific), default=0.0)
 
 
-def unit_semantics(kind: str, index: int, n_fires: int, intervals: list[Any], top: list[Any],
+def unit_semantics(kind: Kind, index: int, n_fires: int, intervals: list[Any], top: list[Any],
                    concepts: Concepts) -> UnitSemantics:
     """Score one unit from its interval examples (whole range) and top examples (store `Interval`/`Example`s)."""
     floor = 1.0 / concepts.n_tokens
@@ -323,7 +325,7 @@ def unit_semantics(kind: str, index: int, n_fires: int, intervals: list[Any], to
 
 
 def score_store(store: FeatureStore, entity_sets: list[EntitySet], encode: Callable[[str], list[int]] | None,
-                wordnet: bool = True, kinds: Iterable[str] = KINDS,
+                wordnet: bool = True, kinds: Iterable[Kind] = KINDS,
                 log: Callable[[str], None] = print) -> tuple[list[UnitSemantics], dict[str, Any]]:
     """Monosemanticity of every unit of the store's kinds; returns the rows and a summary for the report."""
     n_seq = int(store.meta.get("n_sequences", 0))

@@ -1,23 +1,23 @@
-"""The viewer's model-side logic, kept apart from the Streamlit page so it can be tested and timed alone:
+"""The viewer's model-side logic, kept apart from the Streamlit pages so it can be tested and timed alone:
 run the model and the SAE on typed text (which features fire on which token), and steer the model's greedy
-continuation by adding a feature's decoder direction at the hook the SAE writes to.
+continuation by adding a feature's decoder direction at the hook the SAE writes to. The model is only touched
+through `sae.hooks`.
 
-Nothing here touches the feature store; the viewer combines both.
+Nothing here touches the feature store; the pages combine both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from sae.architectures import SAE
 from sae.errors import SaekitError
-from sae.models import hook_layer, hook_width, validate_hooks
+from sae.hooks import Edit, add_at, editing, hook_width, run_to, sae_hooks, validate_hooks
+from sae.saes import SAE
 
 MAX_LIVE_TOKENS = 256  # live text longer than this is cut (the page says so)
 TOP_PER_TOKEN = 8  # features kept per token
@@ -63,11 +63,9 @@ class LiveModel:
     def __init__(self, model: HookedTransformer, sae: SAE) -> None:
         if model.tokenizer is None:
             raise SaekitError(f"model '{model.cfg.model_name}' has no tokenizer, so typed text cannot be run")
-        hooks = [sae.cfg.hook_name] + ([sae.cfg.hook_name_out] if sae.cfg.hook_name_out else [])
-        validate_hooks(model, hooks)
+        self.read_hook, self.write_hook = sae_hooks(sae)  # the write hook: where the decoder's output lands
+        validate_hooks(model, list(dict.fromkeys([self.read_hook, self.write_hook])))
         self.model, self.sae = model, sae.eval()
-        self.read_hook = sae.cfg.hook_name
-        self.write_hook = sae.cfg.hook_name_out or sae.cfg.hook_name  # where the decoder's output lands
 
     def tokenize(self, text: str, limit: int = MAX_LIVE_TOKENS) -> tuple[torch.Tensor, int]:
         """Token ids [1, n] of `text` cut to `limit`, and how many tokens were cut."""
@@ -84,9 +82,7 @@ class LiveModel:
         ids, cut = self.tokenize(text, limit)
         if ids.shape[1] == 0:
             return LiveText([], [], np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32), cut)
-        _, cache = self.model.run_with_cache(ids, names_filter=[self.read_hook],
-                                             stop_at_layer=hook_layer(self.read_hook) + 1)
-        x = cache[self.read_hook][0].float()
+        x = run_to(self.model, ids, [self.read_hook])[self.read_hook][0].float()
         acts = self.sae.encode(x.to(self.sae.W_enc.device)).float().cpu()
         k = min(top, acts.shape[1])
         vals, feats = acts.topk(k, dim=1)
@@ -104,19 +100,15 @@ class LiveModel:
         ids, _ = self.tokenize(prompt, limit)
         if ids.shape[1] == 0:
             raise SaekitError("type a prompt first: steering continues a prompt")
-        hooks = []
+        edits: list[tuple[str, Edit]] = []
         if feature is not None and strength != 0.0:
-            if not 0 <= feature < self.sae.cfg.d_sae:
+            if not 0 <= feature < self.sae.shape.d_sae:
                 raise SaekitError(f"feature {feature} is out of range: this SAE has features "
-                                  f"0..{self.sae.cfg.d_sae - 1}")
+                                  f"0..{self.sae.shape.d_sae - 1}")
             direction = (strength * self.sae.W_dec[feature].detach().float()).to(self.model.cfg.device)
-
-            def add(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                return act + direction.to(act.dtype)
-
-            hooks.append((self.write_hook, add))
+            edits.append((self.write_hook, add_at(direction)))
         eos = getattr(self.model.tokenizer, "eos_token_id", None)
-        with self.model.hooks(fwd_hooks=hooks):
+        with editing(self.model, edits):
             out = self.model.generate(ids.to(self.model.cfg.device), max_new_tokens=n_tokens, do_sample=False,
                                       stop_at_eos=eos is not None, eos_token_id=eos, verbose=False,
                                       use_past_kv_cache=True)
@@ -125,7 +117,7 @@ class LiveModel:
 
 def load_live(sae_dir: str | Path | None, model_name: str | None, device: str = "cpu") -> LiveModel:
     """Load the SAE and its model for live text; raises SaekitError saying what is missing or does not fit."""
-    from sae.export import load_sae
+    from sae.formats import load_sae
     from sae.models import load_model
 
     if sae_dir is None:
@@ -142,8 +134,8 @@ def load_live(sae_dir: str | Path | None, model_name: str | None, device: str = 
     except Exception as exc:  # noqa: BLE001 - any loader failure disables live text; the page says why
         raise SaekitError(f"cannot load model '{model_name}': {type(exc).__name__}: {exc}") from None
     live = LiveModel(model, sae)
-    width = hook_width(model, sae.cfg.hook_name)
-    if width != sae.cfg.d_in:
-        raise SaekitError(f"the SAE expects {sae.cfg.d_in}-wide activations at {sae.cfg.hook_name} but model "
+    width = hook_width(model, live.read_hook)
+    if width != sae.shape.d_in:
+        raise SaekitError(f"the SAE expects {sae.shape.d_in}-wide activations at {live.read_hook} but model "
                           f"'{model_name}' has {width} there; pass the SAE's own model with --model")
     return live

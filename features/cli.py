@@ -1,4 +1,8 @@
-"""`saekit` command line: one subcommand per pipeline stage, plus `run` for all of them."""
+"""`saekit` command line: one subcommand per pipeline stage, plus `run` for all of them.
+
+The top of the stack: it parses arguments, loads the RunConfig and calls `features.pipeline`.
+Under torchrun: `torchrun --nproc_per_node N --no-python saekit train --config C` (or `-m features.cli`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sae.config import RunConfig, load_config
+from features.layout import store_in
+from features.run_config import RunConfig, load_config
 from sae.errors import SaekitError
 
 DEFAULT_CONFIG = "configs/smollm2_mlp.yaml"
@@ -28,7 +33,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     cfg = _config(args)  # validate before the slow imports, so a typo is reported at once
-    from sae import pipeline
+    from features import pipeline
 
     pipeline.start_run(cfg)
     pipeline.stage_cache(cfg, pipeline.run_model(cfg), overwrite=args.overwrite)
@@ -36,7 +41,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from sae import pipeline
+    from features import pipeline
 
     pipeline.start_run(cfg)
     pipeline.stage_train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -44,20 +49,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from sae import pipeline
+    from features import pipeline
 
     pipeline.stage_eval(cfg, pipeline.run_model(cfg))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from sae import pipeline
-    from sae.train import CHECKPOINT_FILE
+    from features import pipeline
 
     pipeline.start_run(cfg)
     model = pipeline.run_model(cfg)
     pipeline.stage_cache(cfg, model, overwrite=args.overwrite)
-    resume = (cfg.run_dir / "checkpoints" / CHECKPOINT_FILE).is_file() and not args.overwrite
+    resume = cfg.layout.checkpoint.is_file() and not args.overwrite
     pipeline.stage_train(cfg, resume=resume, overwrite=args.overwrite)
     pipeline.stage_eval(cfg, model)
     pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
@@ -68,13 +72,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def _sae_folders(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     """--sae: an SAE id of the run or any SAE directory; default: every SAE the config trains."""
-    from sae.pipeline import sae_dirs
+    from features.pipeline import sae_dirs
 
     if not args.sae:
         return sae_dirs(cfg)
     folder = Path(args.sae)
     if not folder.is_dir():
-        folder = cfg.run_dir / "saes" / args.sae
+        folder = cfg.layout.sae(args.sae)
     if not folder.is_dir():
         ids = ", ".join(d.name for d in sae_dirs(cfg))
         raise SaekitError(f"--sae {args.sae}: neither a directory nor an SAE of run '{cfg.name}' (its SAEs: {ids})")
@@ -83,7 +87,7 @@ def _sae_folders(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from sae import pipeline
+    from features import pipeline
 
     folders = _sae_folders(cfg, args)
     pipeline.stage_analyze(cfg, pipeline.run_model(cfg), overwrite=args.overwrite, sae_folders=folders)
@@ -91,8 +95,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_label(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from features.label import load_entities
-    from sae import pipeline
+    from features import pipeline
+    from features.labeling import load_entities
 
     folders = _sae_folders(cfg, args) if args.sae else None
     load_entities(cfg.label)  # a mistake in the entity files is reported before the model loads
@@ -102,39 +106,36 @@ def cmd_label(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from features import export
-    from features.store import store_path
 
     folders = _sae_folders(cfg, args)
     for folder in folders:
-        out = Path(args.out) if args.out else cfg.run_dir / "exports" / f"{folder.name}-{args.format}"
+        out = Path(args.out) if args.out else cfg.layout.export(folder.name, args.format)
         if args.out and len(folders) > 1:
             out = out / folder.name
         if args.format == "bundle":
-            export.export_bundle(folder, out, overwrite=args.overwrite)
+            export.export_bundle(folder, store_in(folder), out, overwrite=args.overwrite)
             print(f"[saekit] bundle (SAE-Lens files + features.db + README.json) -> {out}")
         elif args.format == "parquet":
-            files = export.export_parquet(store_path(folder), out)
+            files = export.export_parquet(store_in(folder), out)
             print(f"[saekit] {len(files)} Parquet tables -> {out}")
         else:
-            files = export.export_neuronpedia(store_path(folder), out, kind=args.kind)
+            files = export.export_neuronpedia(store_in(folder), out, kind=args.kind)
             print(f"[saekit] {len(files)} Neuronpedia batch files ({args.kind}s) -> {out}")
 
 
 def cmd_view(args: argparse.Namespace) -> None:
-    """Serve app_streamlit.py for a run (or a store / SAE directory) on localhost."""
+    """Serve the packaged viewer (features/viewer/app.py) for a run (or a store / SAE directory) on localhost."""
     import subprocess
-    from pathlib import Path
 
-    app = Path(__file__).resolve().parent.parent / "app_streamlit.py"
-    if not app.is_file():
-        raise SaekitError(f"the viewer script {app} is missing; run saekit from a source checkout (pip install -e .)")
+    from features.viewer import APP_FILE
+
     run = args.run
     if not (run or args.store or args.sae):
         run = str(_config(args).run_dir)
     viewer_args = [a for flag, value in (("--run", run), ("--store", args.store), ("--sae", args.sae),
                                          ("--model", args.model), ("--device", args.device)) if value
                    for a in (flag, str(value))]
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true", "--server.port",
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.headless", "true", "--server.port",
            str(args.port), "--server.address", args.host, "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", *viewer_args]
     print(f"[saekit] feature browser on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)

@@ -51,10 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from features.labeling.config import LabelConfig
 from sae.errors import SaekitError
 from sae.io import atomic_write_text
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "data"  # features/data
 CSV_SUFFIX = ".csv"
 TEMPLATES_SUFFIX = ".templates.json"
 PLACEHOLDER = "{entity}"
@@ -205,6 +206,20 @@ def load_entity_sets(directory: str | Path) -> list[EntitySet]:
 def load_builtin_entity_sets() -> list[EntitySet]:
     """The entity types shipped with saekit (built by scripts/build_entities.py)."""
     return load_entity_sets(BUILTIN_DIR)
+
+
+def load_entities(cfg: LabelConfig) -> list[EntitySet]:
+    """The entity sets the `label` section asks for; cheap, so the CLI calls it to report a bad file before the
+    model loads."""
+    sets = load_builtin_entity_sets() if cfg.entities == "builtin" else load_entity_sets(Path(cfg.entities))
+    if cfg.entity_types is not None:
+        known = {s.entity_type for s in sets}
+        missing = [t for t in cfg.entity_types if t not in known]
+        if missing:
+            raise SaekitError(f"label.entity_types names {', '.join(missing)}, not among the entity types in "
+                              f"{cfg.entities}: {', '.join(sorted(known))}")
+        sets = [s for s in sets if s.entity_type in cfg.entity_types]
+    return sets
 
 
 def _line_of(text: str, key: str) -> int:
