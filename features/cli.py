@@ -66,6 +66,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     pipeline.stage_eval(cfg, model)
     pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
     pipeline.stage_label(cfg, model)
+    pipeline.stage_lookup(cfg, model)
+    pipeline.stage_directions(cfg, model)
     pipeline.say(f"done: outputs are in {cfg.run_dir}/")
     pipeline.say(f"browse the features: saekit view --run {cfg.run_dir}")
 
@@ -101,6 +103,24 @@ def cmd_label(args: argparse.Namespace) -> None:
     folders = _sae_folders(cfg, args) if args.sae else None
     load_entities(cfg.label)  # a mistake in the entity files is reported before the model loads
     pipeline.stage_label(cfg, pipeline.run_model(cfg), sae_folders=folders)
+
+
+def cmd_lookup(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from features import pipeline
+    from features.labeling import load_entities
+
+    load_entities(cfg.label)  # a mistake in the entity files is reported before the model loads
+    pipeline.stage_lookup(cfg, pipeline.run_model(cfg))
+
+
+def cmd_directions(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from features import pipeline
+    from features.labeling import load_entities
+
+    load_entities(cfg.label)
+    pipeline.stage_directions(cfg, pipeline.run_model(cfg))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -182,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
          cmd_analyze),
         ("label", "label features and neurons with entity attributes: tags, probes, causal checks, "
                   "monosemanticity, report", cmd_label),
+        ("lookup", "probe each entity attribute layer by layer (residual stream, MLP outputs) and each MLP layer's "
+                   "share of its direction: reports/run/lookup.*", cmd_lookup),
+        ("directions", "attribute directions across the run's MLP-output SAEs, tested by interchange against neurons "
+                       "and a PCA basis: reports/run/label.*", cmd_directions),
         ("export", "export a feature store: Parquet tables, Neuronpedia JSON batches, or a portable bundle",
          cmd_export),
     ]

@@ -183,3 +183,33 @@ def stage_label(cfg: RunConfig, model: HookedTransformer, sae_folders: list[Path
         say(f"labeled in {time.perf_counter() - t0:.0f}s: " + "; ".join(parts) + f" -> {report}")
         reports.append(report)
     return reports
+
+
+def stage_lookup(cfg: RunConfig, model: HookedTransformer) -> Path:
+    """Where the lookup happens: per attribute, probe accuracy by layer and each MLP's share of its direction."""
+    from features.labeling import load_entities
+    from features.labeling.lookup import lookup_by_layer, write_lookup
+
+    t0 = time.perf_counter()
+    result = lookup_by_layer(model, load_entities(cfg.label), cfg.lookup, log=say)
+    report = write_lookup(cfg.layout.run_report, result)
+    say(f"lookup by layer in {time.perf_counter() - t0:.0f}s -> {report}")
+    return report
+
+
+def stage_directions(cfg: RunConfig, model: HookedTransformer) -> Path | None:
+    """Attribute directions across the run's MLP-output SAEs (one per layer), tested by interchange; run-level
+    report in reports/run/. Skipped, with a line saying so, when the run has no `blocks.L.hook_mlp_out` SAE."""
+    from features.labeling.directions_run import run_directions
+    from features.run_report import write_run_report
+
+    specs = [s for s in cfg.train.saes if s.hook.endswith(".hook_mlp_out") and s.target_hook is None]
+    if not specs:
+        say("directions: skipped (no SAE on a blocks.L.hook_mlp_out hook in train.saes)")
+        return None
+    t0 = time.perf_counter()
+    folders = [cfg.layout.sae(s.sae_id) for s in specs]
+    result = run_directions(model, folders, cfg.directions, cfg.label, log=say)
+    files = write_run_report(cfg.layout.run_report, result, monosemantic=None)
+    say(f"directions across {len(folders)} layer(s) in {time.perf_counter() - t0:.0f}s -> {files['markdown']}")
+    return files["json"]

@@ -13,6 +13,8 @@ from typing import Any
 
 from features.analyze import AnalyzeConfig
 from features.labeling import LabelConfig
+from features.labeling.directions import DirectionsConfig
+from features.labeling.lookup import LookupConfig
 from features.layout import RunLayout
 from sae.config import (
     CacheConfig,
@@ -39,6 +41,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    lookup: LookupConfig = field(default_factory=LookupConfig)
+    directions: DirectionsConfig = field(default_factory=DirectionsConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 from sae.errors import SaekitError
+from sae.hooks import expand_hooks
 from sae.io import atomic_write_text
 from sae.saes import ArchConfig, TopKConfig, config_class, hyper_fields
 from sae.saes.base import DType
@@ -54,6 +55,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if not self.hooks:
             raise SaekitError("'hooks' must list at least one hook, e.g. [blocks.6.hook_mlp_out]")
+        self.hooks = expand_hooks(self.hooks)  # blocks.{0..6}.hook_mlp_out -> one name per layer
 
 
 @dataclass

@@ -30,11 +30,13 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 
-# saekit architecture -> SAE-Lens architecture, for plain SAEs and for transcoders. BatchTopK becomes
-# JumpReLU with its global threshold on every latent. SAE-Lens has no TopK transcoder class, but its
-# TopK SAE with apply_b_dec_to_input false computes exactly a TopK transcoder when d_out == d_in.
-SAE_LENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
-SAE_LENS_TRANSCODER_ARCH = {"topk": "topk", "batchtopk": "jumprelu_transcoder",
+# saekit architecture -> SAE-Lens architecture, for plain SAEs and for transcoders. BatchTopK and Matryoshka
+# BatchTopK (whose prefixes only shape training) become JumpReLU with the global threshold on every latent.
+# SAE-Lens has no TopK transcoder class, but its TopK SAE with apply_b_dec_to_input false computes exactly a
+# TopK transcoder when d_out == d_in.
+SAE_LENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu",
+                 "relu": "standard"}
+SAE_LENS_TRANSCODER_ARCH = {"topk": "topk", "batchtopk": "jumprelu_transcoder", "matryoshka": "jumprelu_transcoder",
                             "jumprelu": "jumprelu_transcoder", "relu": "transcoder"}
 # SAE-Lens architecture -> (saekit architecture, is_transcoder), for directories trained elsewhere.
 FROM_SAE_LENS = {"standard": ("relu", False), "topk": ("topk", False), "jumprelu": ("jumprelu", False),
@@ -214,7 +216,7 @@ def _load_sae_lens(path: Path, cfg_json: dict[str, Any]) -> SAE:
     if own:
         sae = build_sae(*_own_config(own, meta, cfg_file))
         shapes = _shapes(sae.shape)
-        if sae.architecture in ("jumprelu", "batchtopk"):
+        if sae.architecture in ("jumprelu", "batchtopk", "matryoshka"):
             shapes["threshold"] = (sae.shape.d_sae,)
         tensors = _read_tensors(weights_file, shapes)
         with torch.no_grad():

@@ -13,7 +13,7 @@ from sae.saes import ARCHITECTURES, SAE, SAEShape, TopKConfig, TrainOutput, buil
 from sae.saes import kernels as sparse
 from sae.saes.jumprelu import _Step
 
-ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
+ARCHS = ["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
 
 
 def make(architecture: str = "topk", input_scale: float = 1.0, target_scale: float | None = None,

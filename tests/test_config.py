@@ -66,3 +66,9 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
 def test_cli_help_explains_commands():
     proc = subprocess.run([sys.executable, "-m", "features.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "cache" in proc.stdout and "run" in proc.stdout
+
+
+def test_hook_ranges_expand_to_one_hook_per_layer():
+    cfg = load_config("configs/smollm2_directions.yaml")
+    assert cfg.cache.hooks == [f"blocks.{i}.hook_mlp_out" for i in range(7)]
+    assert [s.hook for s in cfg.train.saes] == cfg.cache.hooks

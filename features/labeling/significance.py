@@ -91,3 +91,24 @@ def holm(p_values: Sequence[float], alpha: float = 0.05) -> tuple[list[float], l
         running = max(running, min(1.0, (m - rank) * p[i]))
         adjusted[i] = running
     return adjusted.tolist(), (adjusted < alpha).tolist()
+
+
+def bootstrap_of_means(groups: Sequence[np.ndarray], statistic: Callable[[list[np.ndarray]], np.ndarray],
+                       resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95) -> Interval:
+    """Like `paired_bootstrap_ci` for a statistic of the groups' column means, vectorised: each group [n] or [n, c]
+    is resampled on its first axis (the columns of a row together, e.g. one pair's outcomes under several kinds),
+    and `statistic` maps the per-group means, each [R, c], to [R] values (R = 1 for the estimate itself)."""
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    if not arrays or any(a.shape[0] == 0 for a in arrays):
+        return Interval(float("nan"), float("nan"), float("nan"))
+    arrays = [a.reshape(a.shape[0], -1) for a in arrays]
+    value = float(statistic([a.mean(0, keepdims=True) for a in arrays])[0])
+    rng = np.random.default_rng(seed)
+    means = [a[rng.integers(0, a.shape[0], (resamples, a.shape[0]))].mean(1) for a in arrays]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = np.asarray(statistic(means), dtype=np.float64)
+    if np.isnan(stats).all():
+        return Interval(value, float("nan"), float("nan"))
+    alpha = (1 - level) / 2
+    lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
+    return Interval(value, float(lo), float(hi))

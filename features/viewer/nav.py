@@ -14,7 +14,8 @@ import streamlit as st
 from features.store import FeatureStore
 
 PAGES = {"overview": "Overview", "list": "Feature list", "feature": "Feature page", "neuron": "Neuron page",
-         "compare": "Compare", "live": "Live text", "steer": "Steering", "export": "Export"}
+         "compare": "Compare", "live": "Live text", "steer": "Steering", "lookup": "Lookup by layer",
+         "export": "Export"}
 
 
 def qp(name: str, default: str | None = None) -> str | None:

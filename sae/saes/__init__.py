@@ -19,9 +19,10 @@ from sae.saes.base import (
 )
 from sae.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sae.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
+from sae.saes.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from sae.saes.relu import ReLUConfig, ReLUSAE
 from sae.saes.topk import TopKConfig, TopKSAE
 
 __all__ = ["ARCHITECTURES", "DTYPES", "SAE", "ArchConfig", "BatchTopKConfig", "BatchTopKSAE", "JumpReLUConfig",
-           "JumpReLUSAE", "Provenance", "ReLUConfig", "ReLUSAE", "SAEShape", "TopKConfig", "TopKSAE", "TrainOutput",
-           "build_sae", "config_class", "hyper_fields", "register"]
+           "JumpReLUSAE", "MatryoshkaConfig", "MatryoshkaSAE", "Provenance", "ReLUConfig", "ReLUSAE", "SAEShape",
+           "TopKConfig", "TopKSAE", "TrainOutput", "build_sae", "config_class", "hyper_fields", "register"]
