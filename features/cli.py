@@ -66,8 +66,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     pipeline.stage_eval(cfg, model)
     pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
     pipeline.stage_label(cfg, model)
-    pipeline.stage_lookup(cfg, model)
-    pipeline.stage_directions(cfg, model)
     pipeline.say(f"done: outputs are in {cfg.run_dir}/")
     pipeline.say(f"browse the features: saekit view --run {cfg.run_dir}")
 
