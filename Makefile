@@ -20,10 +20,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: install
+	sh scripts/ensure_wordnet.sh  # Debian's wordnet-base for the monosemanticity concepts; a no-op when installed
 	$(BIN)/saekit run --config $(CONFIG)
 
 test: install
 	sh scripts/ensure_chromium.sh  # Debian's chromium for the viewer's browser test; a no-op when installed
+	sh scripts/ensure_wordnet.sh  # WordNet's database for the monosemanticity concepts and their test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install

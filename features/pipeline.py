@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -197,6 +197,19 @@ def stage_lookup(cfg: RunConfig, model: HookedTransformer) -> Path:
     return report
 
 
+def _labeled_monosemantic(cfg: RunConfig) -> dict[str, Any] | None:
+    """kind -> (monosemantic share, CI) from the labeled SAE's report (`label.sae`), so the run's headline shows
+    the like-for-like monosemanticity beside the directions; None when that SAE has not been labeled."""
+    if not cfg.label.sae:
+        return None
+    path = cfg.layout.report(cfg.label.sae) / "label.json"
+    if not path.is_file():
+        return None
+    heads = json.loads(path.read_text()).get("headline", {})
+    return {kind: (h["monosemantic_share"], h.get("monosemantic_share_ci") or [None, None])
+            for kind, h in heads.items() if kind in ("feature", "neuron") and h.get("monosemantic_share") is not None}
+
+
 def stage_directions(cfg: RunConfig, model: HookedTransformer) -> Path | None:
     """Attribute directions across the run's MLP-output SAEs (one per layer), tested by interchange; run-level
     report in reports/run/. Skipped, with a line saying so, when the run has no `blocks.L.hook_mlp_out` SAE."""
@@ -210,6 +223,6 @@ def stage_directions(cfg: RunConfig, model: HookedTransformer) -> Path | None:
     t0 = time.perf_counter()
     folders = [cfg.layout.sae(s.sae_id) for s in specs]
     result = run_directions(model, folders, cfg.directions, cfg.label, log=say)
-    files = write_run_report(cfg.layout.run_report, result, monosemantic=None)
+    files = write_run_report(cfg.layout.run_report, result, monosemantic=_labeled_monosemantic(cfg))
     say(f"directions across {len(folders)} layer(s) in {time.perf_counter() - t0:.0f}s -> {files['markdown']}")
     return files["json"]

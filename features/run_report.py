@@ -64,9 +64,10 @@ def _kind_table(rows: list[dict[str, Any]], kind: str) -> str:
                     _interval(c["cause"], c["cause_ci"]), _interval(r["upper_bound"], r["upper_bound_ci"]),
                     "–" if c["fraction"] is None else f"{c['fraction']:.2f}", _pct(c["random_cause"]),
                     _p(c["p"]), _p(c["p_holm"]), _interval(c["isolation"], c["isolation_ci"]),
-                    "yes" if c["holds"] else "no", sum(c["units_per_layer"])])
+                    "yes" if c["holds"] else "no", sum(c["units_per_layer"]),
+                    "–" if c.get("units_moved") is None else f"{c['units_moved']:.1f}"])
     return _table(["attribute", "cause [95% CI]", "upper bound", "fraction", "random groups", "p", "Holm p",
-                   "isolation", "holds", "units"], out)
+                   "isolation", "holds", "units", "units moved per pair"], out)
 
 
 def _words(data: dict[str, Any]) -> str:
@@ -106,7 +107,9 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"({d['pairs']} per attribute at most); at most {d['units_per_layer']} units per layer, chosen per "
              f"attribute on training entities; controls: size-matched random groups drawn afresh for every pair "
              f"({d['random_groups']} per pair and kind); baseline: {d['baseline']}. A direction holds when its cause "
-             f"reaches {HOLD_FRACTION:.0%} of the upper bound and beats random groups after Holm correction.", "",
+             f"reaches {HOLD_FRACTION:.0%} of the upper bound and beats random groups after Holm correction. "
+             "*Units moved per pair*: how many of the chosen units differ between source and base at all (an "
+             "interchange can change nothing else).", "",
              _headline_table(data), "", _words(data), ""]
     scored = [r for r in data["attributes"] if not r["skipped"]]
     for kind in DIR_KINDS:

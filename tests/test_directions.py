@@ -339,9 +339,39 @@ def test_run_report_has_the_agreed_keys(tiny_result, tmp_path):
     assert data["qualified"] == sum(r["qualifies"] for r in data["attributes"])
     row = data["attributes"][0]
     assert row["kinds"]["feature"]["p_holm"] >= row["kinds"]["feature"]["p"]
+    for kind in ("neuron", "baseline"):  # dense units: every chosen unit differs between two entities
+        assert row["kinds"][kind]["units_moved"] == pytest.approx(sum(row["kinds"][kind]["units_per_layer"]))
+    assert 0 <= row["kinds"]["feature"]["units_moved"] <= sum(row["kinds"]["feature"]["units_per_layer"])
+    assert "units moved per pair" in (tmp_path / FILES["markdown"]).read_text()
     assert len(data["layers"]) == 3 and set(data["settings"]["directions"]) >= {"pairs", "random_groups", "seed"}
     md = (tmp_path / FILES["markdown"]).read_text()
     assert "| thing.colour" in md and "## Neurons" in md and "Features:" in md
+
+
+def render_directions_page(folder: str | None) -> None:
+    from pathlib import Path
+
+    from features.viewer import directions_page
+
+    directions_page.render(Path(folder) if folder else None)
+
+
+def test_viewer_page_shows_the_run_report_or_how_to_build_it(tiny_result, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    _, _, result = tiny_result
+    write_run_report(tmp_path, result, {"feature": (0.12, [0.1, 0.14])})
+    at = AppTest.from_function(render_directions_page, args=(str(tmp_path),), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception[0].message if at.exception else ""
+    assert at.title[0].value == "Attribute directions across layers" and len(at.get("image")) == 1
+    table = at.dataframe[0].value
+    assert list(table["kind"]) == ["features", "neurons", "baseline"]
+    shown = "\n".join(m.value for m in at.markdown)
+    assert "upper bound" in shown and "| thing.colour" in shown and "# Attribute directions" not in shown
+    empty = AppTest.from_function(render_directions_page, args=(str(tmp_path / "none"),), default_timeout=60)
+    empty.run()
+    assert not empty.exception and "saekit directions --config" in empty.code[0].value
 
 
 def test_nothing_scorable_still_writes_the_report(tiny_model, tmp_path):

@@ -81,6 +81,7 @@ class AttributeOutcomes:
     isolation: dict[str, Any] = field(default_factory=dict)  # kind -> np.ndarray [Q]; empty: no other attribute
     other_attributes: list[str] = field(default_factory=list)  # those isolation was measured on
     units: dict[str, list[list[int]]] = field(default_factory=dict)  # kind -> per layer, the chosen units
+    moved: dict[str, float] = field(default_factory=dict)  # kind -> mean over pairs of chosen units whose value differs
     skipped: str | None = None
 
     @property

@@ -159,7 +159,21 @@ def _prepare(kit: _Kit, es: EntitySet, known: KnownAttribute, is_train: Tensor) 
     with ctx.timer("choose"):
         directions = _directions(kit, rep.name, acts, train, label[train], len(pairs))
     out.units = {k: [u.tolist() for u in d.chosen] for k, d in directions.items()}
+    out.moved = {k: units_moved(d, acts, pairs, ctx.model.cfg.device) for k, d in directions.items()}
     return _Prepared(known, acts, label, pairs, directions, out)
+
+
+def units_moved(direction: _Direction, acts: dict[str, Tensor], pairs: Tensor, device: Any) -> float:
+    """Mean over held-out pairs of how many chosen units (all layers) differ between source and base: what an
+    interchange of the group can change at all. Sparse features chosen on other entities may be off for both."""
+    moved = torch.zeros(len(pairs))
+    with torch.inference_mode():
+        for b, units in zip(direction.bases, direction.chosen, strict=True):
+            if len(units) == 0:
+                continue
+            coords = b.encode(acts[b.hook][pairs.flatten()].to(device)).cpu()[:, units].view(len(pairs), 2, -1)
+            moved += ((coords[:, 0] - coords[:, 1]).abs() > 1e-6).sum(1).float()
+    return float(moved.mean()) if len(pairs) else 0.0
 
 
 def _patch(bases: list[Basis], units: list[Tensor], acts: dict[str, Tensor], base: Tensor, source: Tensor) -> Patch:

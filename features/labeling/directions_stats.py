@@ -92,7 +92,8 @@ def _kind_row(o: AttributeOutcomes, kind: str, seed: int) -> dict[str, Any]:
             "isolation": _num(iso_ci.value) if iso_ci else None, "isolation_ci": _ci(iso_ci),
             "n_isolation": 0 if iso is None else len(iso),
             "disentanglement": _num(dis.value), "disentanglement_ci": _ci(dis), "disentanglement_from": dis_from,
-            "units_per_layer": [len(u) for u in o.units[kind]], "units": o.units[kind]}
+            "units_per_layer": [len(u) for u in o.units[kind]], "units": o.units[kind],
+            "units_moved": _num(o.moved.get(kind))}
 
 
 def _attribute_row(o: AttributeOutcomes, seed: int) -> dict[str, Any]:

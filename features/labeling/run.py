@@ -16,6 +16,7 @@ from torch import Tensor
 
 from features.analyze import sae_fingerprint
 from features.labeling.config import LabelConfig
+from features.labeling.directions_run import sae_seeds
 from features.labeling.entities import EntitySet, load_entities
 from features.labeling.labeler import label
 from features.labeling.prompts import encode_text
@@ -88,5 +89,6 @@ def run_label(model: HookedTransformer, sae_dir: Path, store: Path, cfg: LabelCo
         fs.write_probes(result.probes)
         summary = _semantics(fs, entity_sets, model, result, log) if cfg.semantics else None
         meta = {"sae_id": sae_dir.name, "model_name": model.cfg.model_name, "store": str(store),
-                "entity_types": [es.entity_type for es in entity_sets], "eval": fs.meta.get("eval")}
+                "entity_types": [es.entity_type for es in entity_sets], "eval": fs.meta.get("eval"),
+                "seeds": sae_seeds([sae_dir])}
     return LabelOutcome(result, summary, meta)

@@ -19,7 +19,17 @@ import streamlit as st
 
 from features.layout import STORE_FILE, RunLayout
 from features.store import FeatureStore
-from features.viewer import compare, export_page, listing, live_page, lookup_page, overview, steer_page, unit_page
+from features.viewer import (
+    compare,
+    directions_page,
+    export_page,
+    listing,
+    live_page,
+    lookup_page,
+    overview,
+    steer_page,
+    unit_page,
+)
 from features.viewer.markup import CSS
 from features.viewer.nav import done, goto, navigation, qp, start_run
 from features.viewer.sources import Sources, config_of, open_store, parse_args, resolve_sources, store_stamp
@@ -101,9 +111,10 @@ def main(argv: Sequence[str] = ()) -> None:
         except SaekitError as exc:
             problem = f"{exc}"
     sidebar(store, src)
-    if page == "lookup":  # run-level results: no store needed
-        lookup_page.render(RunLayout(src.run).run_report if src.run else None,
-                           f"saekit lookup --config {config_of(src.run)}")
+    if page in ("lookup", "directions"):  # run-level results: no store needed
+        report = RunLayout(src.run).run_report if src.run else None
+        page_module = lookup_page if page == "lookup" else directions_page
+        page_module.render(report, f"saekit {page} --config {config_of(src.run)}")
         return
     if store is None or src.store is None or stamp is None:
         page_missing(problem or "no store")

@@ -15,7 +15,7 @@ from features.store import FeatureStore
 
 PAGES = {"overview": "Overview", "list": "Feature list", "feature": "Feature page", "neuron": "Neuron page",
          "compare": "Compare", "live": "Live text", "steer": "Steering", "lookup": "Lookup by layer",
-         "export": "Export"}
+         "directions": "Attribute directions", "export": "Export"}
 
 
 def qp(name: str, default: str | None = None) -> str | None:
