@@ -1,7 +1,8 @@
 """The spread of the labeler's headline over SAE training seeds: mean ± sd of each figure across runs that differ
 only in `train.seed`, so a reader can tell a difference between features and neurons from the luck of one SAE.
 
-Runs `saekit run` once per seed (skipping seeds whose report exists), then reads each run's per-SAE
+Runs `saekit run` once per seed into `<name>_seed<S>` (the config's own seed is its own run, `runs/<name>`, so a
+finished `make run` counts; seeds whose report exists are skipped), then reads each run's per-SAE
 `label.json` headline and prints, per kind, the mean ± sd over seeds with each seed's value beside it.
 
     python scripts/seed_spread.py --config configs/smollm2_mlp.yaml --seeds 0 1 2 --json runs/seeds.json
@@ -58,8 +59,9 @@ def main() -> None:
                         help="extra config overrides for every run (as `saekit run --set`)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    base = load_config(args.config, overrides=args.set).name
-    files = [run_seed(args.config, f"{base}_seed{s}", s, args.set) for s in args.seeds]
+    cfg = load_config(args.config, overrides=args.set)
+    names = {s: cfg.name if s == cfg.train.seed else f"{cfg.name}_seed{s}" for s in args.seeds}  # reuse `make run`
+    files = [run_seed(args.config, names[s], s, args.set) for s in args.seeds]
     result = {"config": args.config, "seeds": args.seeds,
               "figures": spread([json.loads(f.read_text())["headline"] for f in files])}
     for kind, figs in result["figures"].items():

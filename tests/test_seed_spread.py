@@ -37,7 +37,7 @@ def test_spread_is_mean_and_sample_sd_per_kind_and_figure(tmp_path, monkeypatch,
     config = tmp_path / "c.yaml"
     config.write_text(f"name: toy\nruns_dir: {tmp_path / 'runs'}\nlabel:\n  sae: s\n")
     for seed, head in zip((0, 1, 2), heads, strict=True):
-        folder = tmp_path / "runs" / f"toy_seed{seed}" / "reports" / "s"
+        folder = tmp_path / "runs" / ("toy" if seed == 0 else f"toy_seed{seed}") / "reports" / "s"
         folder.mkdir(parents=True)
         (folder / "label.json").write_text(json.dumps({"headline": head}))
     monkeypatch.setattr(script.subprocess, "run", lambda *a, **k: pytest.fail("a finished seed was rerun"))
