@@ -216,9 +216,9 @@ def stage_directions(cfg: RunConfig, model: HookedTransformer) -> Path | None:
     from features.labeling.directions_run import run_directions
     from features.run_report import write_run_report
 
-    specs = [s for s in cfg.train.saes if s.hook.endswith(".hook_mlp_out") and s.target_hook is None]
+    specs = [s for s in cfg.train.saes if (s.target_hook or s.hook).endswith(".hook_mlp_out")]
     if not specs:
-        say("directions: skipped (no SAE on a blocks.L.hook_mlp_out hook in train.saes)")
+        say("directions: skipped (no SAE or transcoder writing a blocks.L.hook_mlp_out hook in train.saes)")
         return None
     t0 = time.perf_counter()
     folders = [cfg.layout.sae(s.sae_id) for s in specs]

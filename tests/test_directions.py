@@ -18,8 +18,10 @@ from features.labeling.directions import (
     DirectionsConfig,
     DirectionsResult,
     anova_f,
+    check_layer_saes,
     choose_units,
     feature_basis,
+    mlp_in,
     mlp_out,
     neuron_basis,
     random_groups,
@@ -285,6 +287,36 @@ def test_upper_bound_copies_the_source_and_an_exact_sae_does_the_same(tiny_model
     clean = interchanged_logits(tiny_model, prompts, answers, [Patch(upper_bases, base, [u[:, :0] for u in whole],
                                                                      [u[:, :0].float() for u in whole])], 8, Timer())[0]
     assert not torch.allclose(clean, up_logits, atol=1e-3)  # the patch did change the answer's logits
+
+
+def test_a_transcoder_is_read_at_the_mlp_input_of_the_patched_run_and_written_at_its_output(tiny_model):
+    """Units of a transcoder (resid_mid -> mlp_out) take their current values from the MLP's input as it arrives in
+    the patched run: with an identity encoder and decoder rows [M; -M], interchanging every unit in the first layer
+    adds (source's input - base's input) @ M to that layer's MLP output."""
+    es = things(10)
+    tok = tokenizer_for(es)
+    prompts = _prompts(es, "colour", tok)
+    answers = torch.tensor([tok.convert_tokens_to_ids(w) for w in ("red", "blue", "green")])
+    layer = LAYERS[0]
+    acts = last_token_acts(tiny_model, prompts, [mlp_in(layer), mlp_out(layer)], 4, Timer())
+    tc = identity_sae(32, mlp_in(layer))
+    tc.provenance = Provenance("tiny", mlp_in(layer), mlp_out(layer))
+    m = torch.randn(32, 32, generator=torch.Generator().manual_seed(0)) / 8
+    with torch.no_grad():
+        tc.W_dec.copy_(torch.cat([m, -m], dim=0))
+    assert check_layer_saes(tiny_model, [tc]) == [tc]
+    basis = feature_basis(tc, layer)
+    assert (basis.hook, basis.read, basis.read_hook) == (mlp_out(layer), mlp_in(layer), mlp_in(layer))
+    base, source = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    every = torch.arange(64).expand(len(base), 64)
+    patch = Patch([basis], base, [every], [source_values(basis, acts[basis.read_hook], source, every)])
+    _, outs = _mlp_outs_after_patch(tiny_model, prompts, answers, patch)
+    want = acts[mlp_out(layer)][base] + (acts[mlp_in(layer)][source] - acts[mlp_in(layer)][base]) @ m
+    torch.testing.assert_close(outs[0], want, atol=1e-5, rtol=1e-5)
+    wrong = identity_sae(32, mlp_in(layer))
+    wrong.provenance = Provenance("tiny", mlp_in(layer), f"blocks.{layer}.hook_resid_post")
+    with pytest.raises(SaekitError, match="transcoders from blocks.L.hook_resid_mid"):
+        check_layer_saes(tiny_model, [wrong])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,9 +113,10 @@ def check_layer_saes(model: HookedTransformer, saes: list[SAE]) -> list[SAE]:
         check_fit(model, sae)
         read, write = sae_hooks(sae)
         layer = hook_layer(read)
-        if read != write or read != f"blocks.{layer}.hook_mlp_out":
+        if write != mlp_out(layer) or read not in (mlp_out(layer), mlp_in(layer)):
             raise SaekitError(f"directions interchange SAE features at hook_mlp_out, but an SAE reads {read} and "
-                              f"writes {write}; pass SAEs trained on blocks.L.hook_mlp_out")
+                              f"writes {write}; pass SAEs trained on blocks.L.hook_mlp_out, or transcoders from "
+                              f"blocks.L.hook_resid_mid (the MLP's input) to blocks.L.hook_mlp_out")
         if layer in layers:
             raise SaekitError(f"two SAEs read {read}; pass one SAE per layer")
         layers[layer] = sae
@@ -126,17 +127,24 @@ def mlp_out(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
+def mlp_in(layer: int) -> str:
+    """The MLP's input (the residual stream before the MLP's norm): where a transcoder of the layer reads."""
+    return f"blocks.{layer}.hook_resid_mid"
+
+
 def mlp_post(layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_post"
 
 
 def feature_basis(sae: SAE, layer: int) -> Basis:
-    """SAE features: coordinates are the SAE's activations, directions its decoder rows (the error term stays)."""
+    """SAE features: coordinates are the SAE's activations, directions its decoder rows (the error term stays).
+    A transcoder's coordinates come from the MLP's input, its decoder rows are added to the MLP's output."""
 
     def encode(x: Tensor) -> Tensor:
         return sae.encode(x.to(sae.W_enc.device)).float()
 
-    return Basis(mlp_out(layer), encode, sae.W_dec.detach().float())
+    read = sae_hooks(sae)[0]
+    return Basis(mlp_out(layer), encode, sae.W_dec.detach().float(), None if read == mlp_out(layer) else read)
 
 
 def neuron_basis(layer: int) -> Basis:

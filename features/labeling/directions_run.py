@@ -54,7 +54,7 @@ from features.labeling.labeler import sample_entities
 from features.labeling.probes import stable_hash
 from features.labeling.results import AttributeReport
 from sae.formats import CFG_FILE, load_sae
-from sae.hooks import hook_layer
+from sae.hooks import hook_layer, sae_hooks
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -87,8 +87,11 @@ class _Prepared(NamedTuple):
     outcome: AttributeOutcomes
 
 
-def _hooks(layers: list[int]) -> list[str]:
-    return [h for layer in layers for h in (mlp_out(layer), mlp_post(layer))]
+def _hooks(kit: _Kit) -> list[str]:
+    """Every hook an attribute's clean activations are needed at: the MLP outputs and neurons of each layer, and
+    the SAEs' own inputs (a transcoder reads the MLP's input)."""
+    reads = [r for sae in kit.saes for r in sae_hooks(sae)[:1]]
+    return list(dict.fromkeys([h for layer in kit.layers for h in (mlp_out(layer), mlp_post(layer))] + reads))
 
 
 def _seed(cfg: DirectionsConfig, *parts: str) -> int:
@@ -125,7 +128,7 @@ def _directions(kit: _Kit, name: str, acts: dict[str, Tensor], train: Tensor, la
             bases, allowed = [b for b, _ in made], [a for _, a in made]
             widths = [model.cfg.d_model] * len(kit.layers)
         with torch.inference_mode():
-            coords = [b.encode(acts[b.hook][train].to(model.cfg.device)).cpu() for b in bases]
+            coords = [b.encode(acts[b.read_hook][train].to(model.cfg.device)).cpu() for b in bases]
         chosen = choose_units(coords, labels, cfg.units_per_layer, allowed)
         drawn = random_groups(chosen, widths, cfg.random_groups * n_pairs, _seed(cfg, name, kind))
         random = [torch.stack([g[i] for g in drawn]) for i in range(len(chosen))]
@@ -141,7 +144,7 @@ def _prepare(kit: _Kit, es: EntitySet, known: KnownAttribute, is_train: Tensor) 
     label = torch.full((len(known.names),), -1, dtype=torch.long)
     label[torch.tensor(known.rows, dtype=torch.long)] = known.labels
     with ctx.timer("capture"):
-        acts = last_token_acts(ctx.model, known.prompts, _hooks(kit.layers), ctx.cfg.batch_size, ctx.timer)
+        acts = last_token_acts(ctx.model, known.prompts, _hooks(kit), ctx.cfg.batch_size, ctx.timer)
     rows = torch.tensor(known.rows, dtype=torch.long)
     train, held = rows[is_train[rows]], rows[~is_train[rows]]
     out.train, out.heldout = [known.names[i] for i in train], [known.names[i] for i in held]
@@ -171,7 +174,7 @@ def units_moved(direction: _Direction, acts: dict[str, Tensor], pairs: Tensor, d
         for b, units in zip(direction.bases, direction.chosen, strict=True):
             if len(units) == 0:
                 continue
-            coords = b.encode(acts[b.hook][pairs.flatten()].to(device)).cpu()[:, units].view(len(pairs), 2, -1)
+            coords = b.encode(acts[b.read_hook][pairs.flatten()].to(device)).cpu()[:, units].view(len(pairs), 2, -1)
             moved += ((coords[:, 0] - coords[:, 1]).abs() > 1e-6).sum(1).float()
     return float(moved.mean()) if len(pairs) else 0.0
 
@@ -181,7 +184,7 @@ def _patch(bases: list[Basis], units: list[Tensor], acts: dict[str, Tensor], bas
     on pair j % P of (base, source) [P]."""
     repeat = len(units[0]) // len(base)
     src = source.repeat(repeat)
-    values = [source_values(b, acts[b.hook], src, u) for b, u in zip(bases, units, strict=True)]
+    values = [source_values(b, acts[b.read_hook], src, u) for b, u in zip(bases, units, strict=True)]
     return Patch(bases, base.repeat(repeat), units, values)
 
 

@@ -32,11 +32,17 @@ if TYPE_CHECKING:
 
 class Basis(NamedTuple):
     """Units at one hook: `encode` maps activations [n, d] to unit coordinates [n, U]; `rows` [U, d] are the units'
-    directions in activation space, or None when the coordinates are the activation itself."""
+    directions in activation space, or None when the coordinates are the activation itself. A transcoder's units
+    are read at another, earlier hook of the same layer (`read`, its input) and written at `hook` (its output)."""
 
     hook: str
     encode: Callable[[Tensor], Tensor]
     rows: Tensor | None
+    read: str | None = None
+
+    @property
+    def read_hook(self) -> str:
+        return self.read or self.hook
 
 
 class Patch(NamedTuple):
@@ -62,9 +68,11 @@ def source_values(basis: Basis, acts: Tensor, source: Tensor, units: Tensor) -> 
         return basis.encode(acts[source]).float().cpu().gather(1, units)
 
 
-def set_units(basis: Basis, units: Tensor, values: Tensor) -> Edit:
+def set_units(basis: Basis, units: Tensor, values: Tensor, seen: dict[str, Tensor] | None = None) -> Edit:
     """An edit of [N, s, d] activations whose position 0 is the entity's last token: per row, the chosen units'
-    coordinates become `values`, by setting them (rows None) or by adding their directions times the change."""
+    coordinates become `values`, by setting them (rows None) or by adding their directions times the change.
+    A basis read elsewhere takes its current coordinates from `seen[basis.read]`, that hook's activation at the
+    entity's last token in this same patched run (see `remember`)."""
 
     def edit(act: Tensor) -> Tensor:
         x = act[:, 0]
@@ -72,11 +80,22 @@ def set_units(basis: Basis, units: Tensor, values: Tensor) -> Edit:
         if basis.rows is None:
             new = x.scatter(1, idx, val.to(x.dtype))
         else:
-            change = val - basis.encode(x).gather(1, idx)
+            now = basis.encode(x if basis.read is None or seen is None else seen[basis.read])
+            change = val - now.gather(1, idx)
             new = x + torch.einsum("nk,nkd->nd", change, basis.rows.to(x.device)[idx]).to(x.dtype)
         out = act.clone()
         out[:, 0] = new
         return out
+
+    return edit
+
+
+def remember(hook: str, seen: dict[str, Tensor]) -> Edit:
+    """An edit that changes nothing and keeps the entity's last-token activation at `hook` for a later edit."""
+
+    def edit(act: Tensor) -> Tensor:
+        seen[hook] = act[:, 0]
+        return act
 
     return edit
 
@@ -121,8 +140,12 @@ def _answer_logits(model: HookedTransformer, resid: Tensor, answer_ids: Tensor) 
 def _run_rows(model: HookedTransformer, patch: Patch, rows: Tensor, cache: Any, cache_row: Tensor,
               suffix: Tensor, answer_ids: Tensor) -> Tensor:
     """One forward pass of the remaining tokens for `rows` of `patch`, every layer's edit in place."""
-    edits = [(b.hook, set_units(b, u[rows], v[rows]))
-             for b, u, v in zip(patch.bases, patch.units, patch.values, strict=True) if u.shape[1] > 0]
+    seen: dict[str, Tensor] = {}
+    edits = []
+    for b, u, v in zip(patch.bases, patch.units, patch.values, strict=True):
+        if u.shape[1] > 0:
+            edits += [(b.read, remember(b.read, seen))] if b.read else []
+            edits.append((b.hook, set_units(b, u[rows], v[rows], seen)))
     tokens = suffix.to(model.cfg.device)
     kv = _cache_rows(cache, cache_row)
     mask = None if kv is None else torch.ones_like(tokens)
