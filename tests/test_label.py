@@ -231,7 +231,11 @@ def tiny_case(tiny_model):
     sae = tiny_label_sae(tiny_model, es, tok)
     cfg = LabelConfig(knowledge_filter=False, min_positives=10, causal_tags=2, causal_prompts=4, causal_controls=3,
                       probe_steps=50, batch_size=8)
-    result = label(tiny_model, sae, [es], cfg, tokenizer=tok, log=lambda m: None)
+    logs: list[str] = []
+    result = label(tiny_model, sae, [es], cfg, tokenizer=tok, log=logs.append)
+    # 4 prompts give p >= 2^-4 = 0.0625: Holm over the tested tags can never call one causal, and the log says so
+    assert any("no tag can be called causal; raise label.causal_prompts" in m for m in logs)
+    assert not any(c.status == "causal" for c in result.causal)
     return es, tok, sae, cfg, result
 
 

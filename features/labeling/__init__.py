@@ -27,18 +27,13 @@ with single neurons there heavily polysemantic. This package measures that for o
    thousands of units). A tag lists the entities behind it (those it fires on).
 4. Probes (`probes.py`): held-out accuracy of a full linear probe on the SAE's input activations and
    of the best 1-sparse and k-sparse probes on features and on neurons.
-5. Causal check, for the best tag of each value (up to `causal_tags` per kind): on the attribute prompts of the
-   value's known entities where the unit is on at the entity's tokens, subtract the unit's contribution there
-   (feature: activation x decoder row at the SAE's output hook; neuron: its activation at mlp.hook_post, i.e.
-   activation x its W_out row) and measure the change in the correct answer's log-probability. Controls:
-   `causal_controls` random units of the same kind, active at the same tokens on at least a quarter of those
-   prompts, of similar firing frequency (features, within 3x) or similar activation size (neurons). The tag's
-   `causal_effect` is the mean drop in log-probability (nats; positive = the unit supports the answer) and its
-   `causal_status` is "causal" when the drop is at least `causal_min_effect` (0.1 nats: the answer's probability
-   falls by about 10%) and its z-score against the controls is at least `causal_min_z` (2: outside the spread
-   of removing any co-active unit), else "correlational only". Feature tags are also steered: add
-   activation x (decoder row of the best feature tagged with another value - this decoder row) and measure how
-   far the log-odds of the other value against this one move.
+5. Causal check, for the best tag of each value (up to `causal_tags` per kind): on up to `causal_prompts`
+   attribute prompts of the value's known entities where the unit is on, remove the unit's contribution at the
+   entity's tokens and measure the drop of the correct answer's log-probability, against `causal_controls`
+   frequency-matched random units of the same kind removed the same way. The per-prompt differences give the
+   tag's `causal_effect` (nats) with a bootstrap interval and a one-sided paired sign-flip p-value, Holm-corrected
+   across every tag tested; "causal" needs Holm p < 0.05 and an effect of at least `causal_min_effect` (see
+   `causal.py`). Feature tags are also steered toward another value.
 """
 
 

@@ -280,6 +280,10 @@ def check_tags(ctx: LabelContext, cands: list[Candidate], tags: list[Tag],
             causal += [causal_check(ctx, c, on[kind], tagged, best_by_value)
                        for c in round_robin([c for c in cands if c.kind == kind], ctx.cfg.causal_tags)]
     verdicts(causal, ctx.cfg.causal_min_effect)
+    if causal and 2.0 ** -ctx.cfg.causal_prompts >= ALPHA / len(causal):
+        ctx.log(f"label: warning: with at most {ctx.cfg.causal_prompts} prompts per tag the smallest p-value is "
+                f"2^-{ctx.cfg.causal_prompts}, above the {ALPHA}/{len(causal)} Holm needs for the first of "
+                f"{len(causal)} tags, so no tag can be called causal; raise label.causal_prompts")
     for kind in ctx.kinds:
         done = [c for c in causal if c.kind == kind]
         ctx.log(f"label: causal test of {len(done)} {kind} tags: {sum(c.status == 'causal' for c in done)} causal "

@@ -39,10 +39,9 @@ class LabelConfig:
     probe_l2: float = 1e-2  # on standardised inputs; 1e-3..1e-1 give mean accuracies within 1%
     probe_steps: int = 200  # LBFGS iterations
     causal_tags: int = 24  # tags checked causally per kind (the best tag of each value, round-robin); 0: none
-    causal_prompts: int = 8  # attribute prompts per checked tag
+    causal_prompts: int = 16  # attribute prompts per checked tag (n prompts: the smallest p-value is 2^-n)
     causal_controls: int = 10  # random units ablated for comparison per checked tag
     causal_min_effect: float = 0.1  # nats: smallest mean log-prob drop that counts as causal
-    causal_min_z: float = 2.0  # ... and its smallest z-score against the controls
     semantics: bool = True  # also score every unit's monosemanticity from the store's examples
     seed: int = 0
 
