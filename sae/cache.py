@@ -11,6 +11,16 @@ Layout, one folder per hook (`cache/<hook>/`):
 Shards are written atomically and listed only after they are on disk, so a killed run resumes by
 writing the shards the manifest lacks. Readers check sizes on open and checksums on first use, and
 refuse a damaged shard rather than yield its rows.
+
+Several processes (`torchrun --nproc_per_node N ... saekit cache`, `ranks=dist_info()`) share the
+work: every rank lists and verifies its own share of the shards already on disk (index % N == rank),
+one all-reduce tells them all which indices are still missing, and the missing ones are dealt out
+round-robin. Each rank writes only its own shards and records them in its partial manifest
+`manifest.rank-RRRRR.json`; after a barrier rank 0 merges the parts into `manifest.json` with one
+atomic rename and deletes them, and a second barrier holds every rank until the merged manifest
+exists. A killed rank leaves complete shards and its part; any rerun, with any number of
+processes, verifies what the manifest and the parts list and writes only the rest. For several
+nodes the cache folder must be on a filesystem they share.
 """
 
 from __future__ import annotations
@@ -20,14 +30,16 @@ import json
 import queue
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.errors import SaekitError
@@ -39,6 +51,9 @@ if TYPE_CHECKING:
 
 CACHE_FORMAT = "saekit-activation-cache"
 CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+PART_GLOB = "manifest.rank-*.json"
+GPU_WRITERS = 4  # shard-writer threads when the model runs on a GPU (one keeps up with a CPU forward)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I16": np.int16}
 
@@ -49,6 +64,11 @@ def hook_dir(cache_dir: Path, hook: str) -> Path:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def part_name(rank: int) -> str:
+    """One rank's partial manifest during a multi-process run."""
+    return f"manifest.rank-{rank:05d}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +88,13 @@ class CacheHeader:
     n_sequences: int
     shard_sequences: int
 
-    def manifest(self, shards: list[dict[str, Any]]) -> dict[str, Any]:
-        n_shards = -(-self.n_sequences // self.shard_sequences)
-        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, **self.__dict__,
-                "complete": len(shards) == n_shards, "n_rows": sum(s["rows"] for s in shards),
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_sequences // self.shard_sequences)
+
+    def manifest(self, shards: list[dict[str, Any]], **extra: int) -> dict[str, Any]:
+        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, **self.__dict__, **extra,
+                "complete": len(shards) == self.n_shards, "n_rows": sum(s["rows"] for s in shards),
                 "shards": sorted(shards, key=lambda s: s["index"])}
 
 
@@ -79,19 +102,23 @@ def _mismatches(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]
     return [f"{k}: cache has {manifest.get(k)!r}, expected {v!r}" for k, v in expected.items() if manifest.get(k) != v]
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise SaekitError(f"no activation cache at {folder} (manifest.json missing); build it with "
-                          "`saekit cache --config <your config>`")
+def _load_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise SaekitError(f"{path} is not valid JSON ({exc}); delete {folder} and rerun `saekit cache`") from None
+        raise SaekitError(f"{path} is not valid JSON ({exc}); delete {path.parent} and rerun `saekit cache`") from None
     if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
         raise SaekitError(f"{path} is not a saekit cache of version {CACHE_VERSION} "
                           f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); rebuild it")
     return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SaekitError(f"no activation cache at {folder} (manifest.json missing); build it with "
+                          "`saekit cache --config <your config>`")
+    return _load_manifest(path)
 
 
 def _shard_ok(folder: Path, shard: dict[str, Any], full_check: bool) -> bool:
@@ -107,34 +134,124 @@ def _shard_ok(folder: Path, shard: dict[str, Any], full_check: bool) -> bool:
     return h.hexdigest() == shard["sha256"]
 
 
-def _resume_state(folder: Path, header: CacheHeader, overwrite: bool) -> list[dict[str, Any]]:
-    """Shards already complete and intact in `folder`; refuses a cache built from other inputs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".shard-*.tmp"):
-        stale.unlink()
-    if overwrite or not (folder / "manifest.json").exists():
-        return []
-    manifest = read_manifest(folder)
-    wrong = _mismatches(manifest, {k: v for k, v in header.__dict__.items()})
-    if wrong:
-        raise SaekitError(f"the cache at {folder} was built from other inputs ({'; '.join(wrong)}). "
-                          "Use another run name, or pass --overwrite to rebuild it.")
-    good = [s for s in manifest["shards"] if _shard_ok(folder, s, full_check=True)]
-    if len(good) < len(manifest["shards"]):
-        tqdm.write(f"{folder}: {len(manifest['shards']) - len(good)} damaged shard(s) will be rewritten")
-    return good
+def _listed(folder: Path, header: CacheHeader) -> list[dict[str, Any]]:
+    """Shards named by the manifest and by partial manifests an interrupted multi-process run left;
+    refuses a cache built from other inputs."""
+    entries: dict[tuple[int, str], dict[str, Any]] = {}
+    for path in [folder / MANIFEST, *sorted(folder.glob(PART_GLOB))]:
+        if not path.is_file():
+            continue
+        manifest = _load_manifest(path)
+        wrong = _mismatches(manifest, dict(header.__dict__))
+        if wrong:
+            raise SaekitError(f"the cache at {folder} was built from other inputs ({'; '.join(wrong)}). "
+                              "Use another run name, or pass --overwrite to rebuild it.")
+        entries.update({(s["index"], s["sha256"]): s for s in manifest["shards"]})
+    return list(entries.values())
+
+
+def _all_max(mask: Tensor, world: int) -> Tensor:
+    """Element-wise OR of a bool mask over the ranks (a gloo or NCCL all-reduce)."""
+    if world == 1:
+        return mask
+    on_gpu = dist.get_backend() == "nccl"
+    t = mask.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu", torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().bool()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _check_ranks(ranks: tuple[int, int]) -> None:
+    rank, world = ranks
+    if not 0 <= rank < world:
+        raise SaekitError(f"cache ranks: rank {rank} is not in [0, {world})")
+    if world > 1 and not (dist.is_initialized() and dist.get_world_size() == world):
+        raise SaekitError(f"caching with {world} processes needs their process group; launch with torchrun and "
+                          "pass ranks=sae.distributed.dist_info(), which joins it")
+
+
+def _resume(folders: dict[str, Path], headers: dict[str, CacheHeader], overwrite: bool,
+            ranks: tuple[int, int]) -> tuple[dict[str, list[dict[str, Any]]], list[int]]:
+    """(this rank's intact shards per hook, indices still to write); each rank checksums only its own
+    share of what is listed, and one all-reduce tells every rank which indices are complete for all hooks."""
+    rank, world = ranks
+    n_shards = next(iter(headers.values())).n_shards
+    good = torch.zeros(len(folders), n_shards, dtype=torch.bool)
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for j, (hook, folder) in enumerate(folders.items()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in [*folder.glob(".shard-*.tmp"), *folder.glob(".manifest*.tmp")]:
+            stale.unlink(missing_ok=True)
+        mine = [s for s in ([] if overwrite else _listed(folder, headers[hook])) if s["index"] % world == rank]
+        kept[hook] = [s for s in mine if _shard_ok(folder, s, full_check=True)]
+        good[j, torch.tensor([s["index"] for s in kept[hook]], dtype=torch.long)] = True
+        if len(kept[hook]) < len({s["index"] for s in mine}):
+            tqdm.write(f"{folder}: {len({s['index'] for s in mine}) - len(kept[hook])} damaged shard(s) "
+                       "will be rewritten")
+    complete = _all_max(good, world).all(0)
+    done = {h: [s for s in kept[h] if complete[s["index"]]] for h in folders}
+    return done, [i for i in range(n_shards) if not complete[i]]
+
+
+def _rank_keys(ranks: tuple[int, int]) -> dict[str, int]:
+    """What a partial manifest adds to the header: whose part it is."""
+    return {"rank": ranks[0], "world": ranks[1]} if ranks[1] > 1 else {}
+
+
+def _start(folders: dict[str, Path], headers: dict[str, CacheHeader], done: dict[str, list[dict[str, Any]]],
+           overwrite: bool, ranks: tuple[int, int]) -> str:
+    """Record each rank's kept shards in its progress file, then drop the files they supersede; returns
+    the progress file's name (the manifest itself for one process, else the rank's part)."""
+    rank, world = ranks
+    progress = MANIFEST if world == 1 else part_name(rank)
+    for hook, folder in folders.items():
+        atomic_write_json(folder / progress, headers[hook].manifest(done[hook], **_rank_keys(ranks)))
+    _barrier(world)
+    if rank == 0:
+        current = {part_name(r) for r in range(world)} if world > 1 else set()
+        for folder in folders.values():
+            for part in folder.glob(PART_GLOB):
+                if part.name not in current:
+                    part.unlink(missing_ok=True)
+            if overwrite and world > 1:
+                (folder / MANIFEST).unlink(missing_ok=True)
+    return progress
+
+
+def _merge(folders: dict[str, Path], headers: dict[str, CacheHeader], world: int) -> None:
+    """Rank 0, after every rank has written its last shard: the parts become one manifest (atomic rename)."""
+    for hook, folder in folders.items():
+        shards: dict[int, dict[str, Any]] = {}
+        for r in range(world):
+            shards.update({s["index"]: s for s in _load_manifest(folder / part_name(r))["shards"]})
+        atomic_write_json(folder / MANIFEST, headers[hook].manifest(list(shards.values())))
+        for part in folder.glob(PART_GLOB):
+            part.unlink(missing_ok=True)
 
 
 class _ShardWriter:
-    """Background thread that serialises, writes and lists shards, overlapping disk with compute."""
+    """Background threads that serialise, checksum, write and list shards, overlapping disk with compute.
+
+    One thread keeps up with a CPU forward pass; a GPU produces activations faster than one core can
+    hash and write them, so there several threads take shards in turn (sha256 and file writes release
+    the GIL) and a lock keeps the progress file's updates whole."""
 
     def __init__(self, folders: dict[str, Path], headers: dict[str, CacheHeader],
-                 done: dict[str, list[dict[str, Any]]]) -> None:
-        self.folders, self.headers, self.done = folders, headers, done
-        self.jobs: queue.Queue[tuple[int, int, dict[str, dict[str, torch.Tensor]]] | None] = queue.Queue(maxsize=2)
+                 done: dict[str, list[dict[str, Any]]], progress: str, ranks: tuple[int, int],
+                 threads: int = 1) -> None:
+        self.folders, self.headers, self.done, self.progress = folders, headers, done, progress
+        self.extra = _rank_keys(ranks)
+        self.jobs: queue.Queue[tuple[int, int, dict[str, dict[str, Tensor]]] | None] = queue.Queue(maxsize=2 * threads)
+        self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="saekit-shard-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name=f"saekit-shard-writer-{i}", daemon=True)
+                        for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -149,18 +266,22 @@ class _ShardWriter:
                     entry = {"index": index, "file": shard_name(index), "first_sequence": first,
                              "rows": int(tensors["activations"].shape[0]), "bytes": len(data),
                              "sha256": hashlib.sha256(data).hexdigest()}
-                    self.done[hook] = [s for s in self.done[hook] if s["index"] != index] + [entry]
-                    atomic_write_json(folder / "manifest.json", self.headers[hook].manifest(self.done[hook]))
+                    with self.lock:
+                        self.done[hook] = [s for s in self.done[hook] if s["index"] != index] + [entry]
+                        manifest = self.headers[hook].manifest(self.done[hook], **self.extra)
+                        atomic_write_json(folder / self.progress, manifest)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by put/close
                 self.error = exc
 
-    def put(self, index: int, first: int, per_hook: dict[str, dict[str, torch.Tensor]]) -> None:
+    def put(self, index: int, first: int, per_hook: dict[str, dict[str, Tensor]]) -> None:
         self._raise()
         self.jobs.put((index, first, per_hook))
 
     def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join()
         self._raise()
 
     def _raise(self) -> None:
@@ -168,9 +289,81 @@ class _ShardWriter:
             raise self.error
 
 
+class ShardCapture:
+    """Where hook callbacks copy each batch: one preallocated buffer per hook for the current shard.
+
+    From CUDA the copies go asynchronously into pinned memory, so the device is never stalled by one;
+    `take()` waits for them before the shard goes to the writer thread.
+    """
+
+    def __init__(self, widths: dict[str, int], dtype: torch.dtype) -> None:
+        self.widths, self.dtype = widths, dtype
+        self.bufs: dict[str, Tensor] = {}
+        self.rows = self.offset = 0
+        self.cuda = False
+
+    def start(self, rows: int) -> None:
+        self.bufs, self.rows, self.offset = {}, rows, 0
+
+    def __call__(self, name: str, act: Tensor) -> None:
+        flat = act.reshape(-1, act.shape[-1])
+        if name not in self.bufs:
+            self.bufs[name] = torch.empty(self.rows, self.widths[name], dtype=self.dtype, pin_memory=act.is_cuda)
+        self.cuda |= act.is_cuda
+        self.bufs[name][self.offset:self.offset + flat.shape[0]].copy_(flat, non_blocking=act.is_cuda)
+
+    def take(self) -> dict[str, Tensor]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        missing = [h for h in self.widths if h not in self.bufs]
+        if missing:
+            raise SaekitError(f"the forward pass never reached {', '.join(missing)}; nothing to cache there")
+        return self.bufs
+
+
+def write_shards(capture: ShardCapture, forward: Callable[[Tensor], Any], tokens: Tensor,
+                 headers: dict[str, CacheHeader], cache_dir: Path, *, batch_size: int, overwrite: bool = False,
+                 progress: bool = True, ranks: tuple[int, int] = (0, 1), writers: int = 1) -> dict[str, Path]:
+    """The model-agnostic body of `write_cache`: `forward(batch)` runs the model on token batches while its
+    hooks fill `capture`; this rank's missing shards are written by `writers` background threads. `tokens`
+    must be the same on every rank."""
+    _check_ranks(ranks)
+    rank, world = ranks
+    n_seq, ctx = tokens.shape
+    per_shard = next(iter(headers.values())).shard_sequences
+    folders = {h: hook_dir(cache_dir, h) for h in headers}
+    done, todo = _resume(folders, headers, overwrite, ranks)
+    writer = _ShardWriter(folders, headers, done, _start(folders, headers, done, overwrite, ranks), ranks, writers)
+    mine = todo[rank::world]
+    who = f" (rank 0 of {world})" if world > 1 else ""
+    bar = tqdm(total=sum(min(per_shard, n_seq - i * per_shard) * ctx for i in mine), unit="tok", unit_scale=True,
+               desc=f"caching {len(headers)} hook(s){who}", disable=not progress or rank > 0, dynamic_ncols=True)
+    try:
+        for index in mine:
+            first, last = index * per_shard, min(n_seq, (index + 1) * per_shard)
+            shard_tokens = tokens[first:last]
+            capture.start(shard_tokens.numel())
+            for start in range(0, last - first, batch_size):
+                capture.offset = start * ctx
+                forward(shard_tokens[start:start + batch_size])
+                bar.update(min(batch_size, last - first - start) * ctx)
+            meta = {"token_ids": shard_tokens.reshape(-1).to(torch.int32),
+                    "sequence": torch.arange(first, last, dtype=torch.int32).repeat_interleave(ctx),
+                    "position": torch.arange(ctx, dtype=torch.int16).repeat(last - first)}
+            writer.put(index, first, {h: {"activations": buf, **meta} for h, buf in capture.take().items()})
+    finally:
+        bar.close()
+        writer.close()
+    _barrier(world)
+    if world > 1 and rank == 0:
+        _merge(folders, headers, world)
+    _barrier(world)
+    return folders
+
+
 def write_cache(
     model: HookedTransformer,
-    tokens: torch.Tensor,
+    tokens: Tensor,
     hooks: list[str],
     cache_dir: Path,
     *,
@@ -180,56 +373,27 @@ def write_cache(
     shard_sequences: int = 128,
     overwrite: bool = False,
     progress: bool = True,
+    ranks: tuple[int, int] = (0, 1),
 ) -> dict[str, Path]:
     """Run the model once over `tokens` [n_seq, ctx] and cache every hook; resumes where it stopped.
 
     The forward pass stops after the deepest hooked layer, runs in inference mode, and hands
-    finished shards to a writer thread so disk I/O overlaps the next forward passes.
+    finished shards to a writer thread so disk I/O overlaps the next forward passes. Under torchrun,
+    `ranks=sae.distributed.dist_info()` splits the shards between the processes.
     """
     validate_hooks(model, hooks)
     if dtype not in TORCH_DTYPES:
         raise SaekitError(f"cache dtype '{dtype}' is not supported; use one of {', '.join(TORCH_DTYPES)}")
     n_seq, ctx = tokens.shape
-    torch_dtype = TORCH_DTYPES[dtype]
-    folders = {h: hook_dir(cache_dir, h) for h in hooks}
     headers = {h: CacheHeader(model.cfg.model_name, h, hook_width(model, h), dtype, ctx, corpus_fingerprint,
                               n_seq, shard_sequences) for h in hooks}
-    done = {h: _resume_state(folders[h], headers[h], overwrite) for h in hooks}
-    complete = set.intersection(*({s["index"] for s in done[h]} for h in hooks))
-    todo = [i for i in range(-(-n_seq // shard_sequences)) if i not in complete]
-    stop_at = stop_layer(hooks)
-    device = model.cfg.device
-    writer = _ShardWriter(folders, headers, done)
-    bar = tqdm(total=sum(min(shard_sequences, n_seq - i * shard_sequences) * ctx for i in todo),
-               unit="tok", unit_scale=True, desc=f"caching {len(hooks)} hook(s)", disable=not progress,
-               dynamic_ncols=True)
-    target: dict[str, Any] = {}  # where the hooks copy the current batch: per-hook buffers and row offset
-
-    def capture(name: str, act: torch.Tensor) -> None:
-        flat = act.reshape(-1, act.shape[-1])
-        target[name][target["offset"]:target["offset"] + flat.shape[0]].copy_(flat)
-
-    try:
-        with torch.inference_mode(), capturing(model, hooks, sink=capture):
-            for index in todo:
-                first, last = index * shard_sequences, min(n_seq, (index + 1) * shard_sequences)
-                shard_tokens = tokens[first:last]
-                bufs = {h: torch.empty(shard_tokens.numel(), headers[h].d, dtype=torch_dtype) for h in hooks}
-                target.update(bufs)
-                for start in range(0, last - first, batch_size):
-                    batch = shard_tokens[start:start + batch_size].to(device)
-                    target["offset"] = start * ctx
-                    model(batch, stop_at_layer=stop_at)
-                    bar.update(batch.numel())
-                seq_ids = torch.arange(first, last, dtype=torch.int32).repeat_interleave(ctx)
-                meta = {"token_ids": shard_tokens.reshape(-1).to(torch.int32),
-                        "sequence": seq_ids,
-                        "position": torch.arange(ctx, dtype=torch.int16).repeat(last - first)}
-                writer.put(index, first, {h: {"activations": bufs[h], **meta} for h in hooks})
-    finally:
-        bar.close()
-        writer.close()
-    return folders
+    capture = ShardCapture({h: headers[h].d for h in hooks}, TORCH_DTYPES[dtype])
+    stop_at, device = stop_layer(hooks), model.cfg.device
+    writers = GPU_WRITERS if str(device).startswith("cuda") else 1
+    with torch.inference_mode(), capturing(model, hooks, sink=capture):
+        return write_shards(capture, lambda batch: model(batch.to(device), stop_at_layer=stop_at), tokens,
+                            headers, cache_dir, batch_size=batch_size, overwrite=overwrite, progress=progress,
+                            ranks=ranks, writers=writers)
 
 
 # ---------------------------------------------------------------------------------------------

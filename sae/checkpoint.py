@@ -1,8 +1,13 @@
 """Trainer checkpoints: every SAE of a run, its optimiser, firing statistics and the data position in one
-atomically written safetensors file, so SAEs trained together can never be restored at different steps."""
+atomically written safetensors file, so SAEs trained together can never be restored at different steps.
+
+The metadata also records what the batches were drawn from (`data`: source, corpus fingerprint, hooks,
+buffer settings), which a resume must match, and each SAE's timed kernel choice, which a resume reuses.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,8 @@ def save_checkpoint(path: Path, jobs: list[Any], step: int, meta: dict[str, Any]
         tensors[f"{job.name}/recent_fires"] = job.stats.recent_fires.cpu()
     info = {**meta, "step": step, "format": 2,
             "jobs": {job.name: {"resume": resume_view(job.sae), "recent_tokens": job.stats.recent_tokens,
-                                "scales": [job.sae.input_scale, job.sae.target_scale]} for job in jobs}}
+                                "scales": [job.sae.input_scale, job.sae.target_scale],
+                                "encoder_bf16": getattr(job.sae.hyper, "encoder_bf16", None)} for job in jobs}}
     atomic_save_tensors(path, tensors, metadata={"saekit": json.dumps(info)})
 
 
@@ -54,8 +60,27 @@ def checkpoint_step(path: Path) -> int | None:
         return int(json.loads((fh.metadata() or {})["saekit"])["step"])
 
 
+# Why a difference in what the batches are drawn from matters, for the refusal message.
+_DATA_NOTES = {"source": "the batches come from elsewhere (train.source)",
+               "corpus": "the train tokens differ: another corpus, or other corpus settings",
+               "hooks": "the set of hooks captured differs", "model": "another model",
+               "streams": "the data order depends on the number of processes; resume with the same number"}
+
+
+def _data_differences(then: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """What the batches are drawn from; a checkpoint of an older saekit (no record) is not compared."""
+    if then is None:
+        return []
+    now = now or {}
+    keys = [k for k in {**then, **now} if then.get(k) != now.get(k)]
+    return [f"data.{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
+            + (f" ({_DATA_NOTES[k]})" if k in _DATA_NOTES else "") for k in keys]
+
+
 def _differences(info: dict[str, Any], jobs: list[Any], meta: dict[str, Any]) -> list[str]:
-    diffs = [f"train.{k}: checkpoint {info.get(k)!r}, config {v!r}" for k, v in meta.items() if info.get(k) != v]
+    diffs = [f"train.{k}: checkpoint {info.get(k)!r}, config {v!r}" for k, v in meta.items()
+             if k != "data" and info.get(k) != v]
+    diffs += _data_differences(info.get("data"), meta.get("data"))
     saved = info["jobs"]
     for job in jobs:
         if job.name not in saved:
@@ -65,6 +90,13 @@ def _differences(info: dict[str, Any], jobs: list[Any], meta: dict[str, Any]) ->
         diffs += [f"{job.name}.{k}: checkpoint {then.get(k)!r}, config {v!r}"
                   for k, v in resume_view(job.sae).items() if then.get(k) != v]
     return diffs
+
+
+def _reuse_kernel_choice(job: Any, saved: dict[str, Any]) -> None:
+    """A timed kernel choice (encoder_bf16 None) is taken from the checkpoint; a value set in the config wins."""
+    choice = saved.get("encoder_bf16")
+    if choice is not None and getattr(job.sae.hyper, "encoder_bf16", False) is None:
+        job.sae.hyper = dataclasses.replace(job.sae.hyper, encoder_bf16=choice)
 
 
 def load_checkpoint(path: Path, jobs: list[Any], meta: dict[str, Any]) -> int:
@@ -81,6 +113,7 @@ def load_checkpoint(path: Path, jobs: list[Any], meta: dict[str, Any]) -> int:
     for job in jobs:
         sid, saved = job.name, info["jobs"][job.name]
         job.sae.set_scales(*saved["scales"])
+        _reuse_kernel_choice(job, saved)
         job.sae.load_state_dict({k.split("/sae/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{sid}/sae/")})
         for name, p in job.sae.named_parameters():
             state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{sid}/opt/{name}/")}

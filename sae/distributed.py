@@ -38,3 +38,45 @@ def leave(world: int) -> None:
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_flag(value: bool, world: int, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's `value` on every rank: one decision (e.g. a timed kernel choice) shared by the whole job."""
+    if world == 1:
+        return value
+    t = torch.tensor([int(value)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+class GlobalBatch:
+    """`sae.saes.kernels.BatchGroup` for a torchrun job: each process holds an equal slice of every global
+    batch, in rank order, so a selection over the global batch is a few small collectives."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def all_min(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def gather(self, t: Tensor) -> list[Tensor]:
+        """Every process's 1-D tensor, sizes may differ: sizes first, then the padded tensors, trimmed."""
+        size = torch.tensor([t.numel()], device=t.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        counts = [int(s) for s in sizes]
+        padded = t.new_zeros(max(counts))
+        padded[:t.numel()] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return [p[:c] for p, c in zip(parts, counts, strict=True)]
+
+
+def global_batch_group(world: int) -> GlobalBatch | None:
+    """The collectives for a global-batch selection, or None on one process (no collective at all)."""
+    return GlobalBatch() if world > 1 else None

@@ -4,11 +4,14 @@
 `batches(start)` yields each global batch (one tensor per hook) from any source (the disk cache, the
 model on the fly, a tensor in a notebook). Reads top to bottom: restore, then for each batch take
 every SAE one Adam step. Under `torchrun` each rank reads its own rows of each global batch and
-gradients are averaged, so N processes compute what one would with the same global batch.
+gradients are averaged, so N processes compute what one would with the same global batch: BatchTopK
+selects against the global batch (`kernels.global_batch`), and a kernel path chosen by timing is chosen
+once, on rank 0, and kept in the checkpoint for a resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -24,9 +27,9 @@ from tqdm.auto import tqdm
 
 from sae.checkpoint import load_checkpoint, save_checkpoint
 from sae.config import SAESpec, TrainConfig
-from sae.distributed import all_mean_, all_sum_, dist_info, leave
+from sae.distributed import all_mean_, all_sum_, broadcast_flag, dist_info, global_batch_group, leave
 from sae.errors import SaekitError
-from sae.saes import SAE, Provenance, SAEShape, build_sae
+from sae.saes import SAE, Provenance, SAEShape, build_sae, kernels
 
 Batches = Callable[[int], Iterator[list[Tensor]]]  # start batch -> global batches, one tensor per hook
 
@@ -118,22 +121,40 @@ def lr_at(step: int, total: int, base: float, warmup: int, decay_fraction: float
 
 
 def prefetch(stream: Iterator[Any], depth: int = 3) -> Iterator[Any]:
-    """Read the next batches on a thread while the current one trains (gathers release the GIL)."""
+    """Read the next batches on a thread while the current one trains (gathers and forward passes release
+    the GIL). Closing the returned generator stops the thread and waits for it, so a source that runs the
+    model is done with it when training returns."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in stream:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(exc)
+            put(exc)
 
-    threading.Thread(target=work, daemon=True, name="saekit-prefetch").start()
-    while True:
-        item = q.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=work, daemon=True, name="saekit-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _nan_error(step: int, what: str, checkpoint: Path | None) -> SaekitError:
@@ -143,22 +164,34 @@ def _nan_error(step: int, what: str, checkpoint: Path | None) -> SaekitError:
                        "(rebuild the cache with `saekit cache --overwrite`) or lower the learning rate, then rerun.")
 
 
-def _start_step(jobs: list[TrainJob], cfg: TrainConfig, checkpoint: Path | None, resume: bool,
+def _start_step(jobs: list[TrainJob], meta: dict[str, Any], checkpoint: Path | None, resume: bool,
                 overwrite: bool) -> int:
     if checkpoint is None:
         return 0
     if resume:
         if not checkpoint.is_file():
             raise SaekitError(f"--resume: no checkpoint at {checkpoint}; run `saekit train` without --resume")
-        return load_checkpoint(checkpoint, jobs, _meta(cfg))
+        return load_checkpoint(checkpoint, jobs, meta)
     if checkpoint.is_file() and not overwrite:
         raise SaekitError(f"{checkpoint} exists from an earlier training run; pass --resume to continue it "
                           "or --overwrite to start again")
     return 0
 
 
-def _meta(cfg: TrainConfig) -> dict[str, Any]:
-    return {"batch_size": cfg.batch_size, "seed": cfg.seed, "total_tokens": cfg.total_tokens}
+def _meta(cfg: TrainConfig, data: dict[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed, "total_tokens": cfg.total_tokens}
+    return meta if data is None else {**meta, "data": data}
+
+
+def _settle_kernels(jobs: list[TrainJob], rank: int, world: int) -> None:
+    """Fix each SAE's timed kernel choice (encoder_bf16 None) once, before the first step: rank 0 times it and
+    every rank takes its answer, so all ranks run one kernel path and the checkpoint records it for resume."""
+    for job in jobs:
+        hyper, shape, device = job.sae.hyper, job.sae.shape, job.sae.W_enc.device
+        if getattr(hyper, "encoder_bf16", False) is not None or not getattr(hyper, "fast", False):
+            continue
+        faster = rank == 0 and kernels.bf16_is_faster(str(device), shape.d_in, shape.d_sae)
+        job.sae.hyper = dataclasses.replace(hyper, encoder_bf16=broadcast_flag(faster, world, device))
 
 
 class _Loop(NamedTuple):
@@ -214,47 +247,32 @@ def _check_finite(batch: list[Tensor], step: int, names: list[str], checkpoint: 
 
 def train(jobs: list[TrainJob], batches: Batches, cfg: TrainConfig, *, hooks: list[str] | None = None,
           checkpoint: Path | None = None, resume: bool = False, overwrite: bool = False,
-          metrics: MetricsSink | None = None, progress: bool = True) -> list[Trained]:
+          metrics: MetricsSink | None = None, progress: bool = True,
+          data: dict[str, Any] | None = None) -> list[Trained]:
     """Train every job on `batches` for `cfg.total_tokens`; checkpoints to `checkpoint` when given.
 
-    `hooks` names the tensors of each batch, for error messages. Returns the trained SAEs on rank 0 (an
-    empty list on other ranks)."""
+    `hooks` names the tensors of each batch, for error messages; `data` says what the batches are drawn
+    from (source, corpus fingerprint, hooks, ...), recorded in the checkpoint and required to match on
+    resume. Returns the trained SAEs on rank 0 (an empty list on other ranks)."""
     rank, world = dist_info()
     total_steps = cfg.total_tokens // cfg.batch_size
     if total_steps == 0:
         raise SaekitError(f"train.total_tokens={cfg.total_tokens} is smaller than train.batch_size={cfg.batch_size}")
+    meta = _meta(cfg, data)
     loop = _Loop(cfg, total_steps, int(total_steps * (1 - max(cfg.lr_decay_fraction, 0.1))), world, rank, checkpoint)
-    start = _start_step(jobs, cfg, checkpoint, resume, overwrite)
+    start = _start_step(jobs, meta, checkpoint, resume, overwrite)
+    _settle_kernels(jobs, rank, world)
     metrics = metrics if rank == 0 else None
     if metrics is not None:
         metrics.open(start)
-    ckpt_every = max(1, cfg.checkpoint_every_tokens // cfg.batch_size)
-    device = jobs[0].sae.W_enc.device
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=not (progress and rank == 0),
                desc=f"training {len(jobs)} SAE(s)", dynamic_ncols=True)
     stream = prefetch(batches(start))
-    t_last, step_last = time.perf_counter(), start
     try:
-        for step in range(start, total_steps):
-            batch = [t.to(device, non_blocking=True) for t in next(stream)]
-            _check_finite(batch, step, hooks or [], checkpoint)
-            rows = [row for job in jobs if (row := _step(job, batch, step, loop)) is not None]
-            if rows:
-                now = time.perf_counter()
-                tps = (step + 1 - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-                t_last, step_last = now, step + 1
-                for r in rows:
-                    r["tokens_per_s"] = tps
-                if metrics is not None:
-                    metrics.write(rows)
-                bar.set_postfix(tok_s=f"{tps:,.0f}", l0=f"{rows[0]['l0']:.1f}", fvu=f"{rows[0]['fvu']:.3f}",
-                                dead=f"{rows[0]['dead_fraction']:.2f}")
-            bar.update(1)
-            if checkpoint and rank == 0 and (step + 1) % ckpt_every == 0 and step + 1 < total_steps:
-                save_checkpoint(checkpoint, jobs, step + 1, _meta(cfg))
-        if checkpoint and rank == 0:
-            save_checkpoint(checkpoint, jobs, total_steps, _meta(cfg))
+        with kernels.global_batch(global_batch_group(world)):
+            _loop(jobs, stream, start, loop, _Journal(metrics, bar, hooks or [], meta))
     finally:
+        stream.close()
         bar.close()
         if metrics is not None:
             metrics.close()
@@ -262,3 +280,39 @@ def train(jobs: list[TrainJob], batches: Batches, cfg: TrainConfig, *, hooks: li
            for j in jobs] if rank == 0 else []
     leave(world)
     return out
+
+
+class _Journal(NamedTuple):
+    """Where the loop reports: metrics sink (rank 0), progress bar, batch tensor names, checkpoint meta."""
+
+    metrics: MetricsSink | None
+    bar: Any
+    hooks: list[str]
+    meta: dict[str, Any]
+
+
+def _loop(jobs: list[TrainJob], stream: Iterator[list[Tensor]], start: int, loop: _Loop, out: _Journal) -> None:
+    """The steps from `start`: every SAE one Adam step per global batch, logs, periodic checkpoints."""
+    cfg, checkpoint = loop.cfg, loop.checkpoint
+    ckpt_every = max(1, cfg.checkpoint_every_tokens // cfg.batch_size)
+    device = jobs[0].sae.W_enc.device
+    t_last, step_last = time.perf_counter(), start
+    for step in range(start, loop.total_steps):
+        batch = [t.to(device, non_blocking=True) for t in next(stream)]
+        _check_finite(batch, step, out.hooks, checkpoint)
+        rows = [row for job in jobs if (row := _step(job, batch, step, loop)) is not None]
+        if rows:
+            now = time.perf_counter()
+            tps = (step + 1 - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+            t_last, step_last = now, step + 1
+            for r in rows:
+                r["tokens_per_s"] = tps
+            if out.metrics is not None:
+                out.metrics.write(rows)
+            out.bar.set_postfix(tok_s=f"{tps:,.0f}", l0=f"{rows[0]['l0']:.1f}", fvu=f"{rows[0]['fvu']:.3f}",
+                                dead=f"{rows[0]['dead_fraction']:.2f}")
+        out.bar.update(1)
+        if checkpoint and loop.rank == 0 and (step + 1) % ckpt_every == 0 and step + 1 < loop.total_steps:
+            save_checkpoint(checkpoint, jobs, step + 1, out.meta)
+    if checkpoint and loop.rank == 0:
+        save_checkpoint(checkpoint, jobs, loop.total_steps, out.meta)

@@ -7,7 +7,9 @@
 - naive: what a user would write: dense activations per batch, `torch.topk` over tokens per unit, then
   Python-side merging of each unit's best examples and running sums.
 
-Then the store is written and its size and query latencies (feature page, filtered lists, text search) measured.
+All three get the same warm-up (one batch each) and are repeated in interleaved rounds, best of `--repeats`
+each, so drift and background load hit them alike. Then the store is written and its size and query
+latencies (feature page, filtered lists, text search) measured.
 
     .venv/bin/python scripts/bench_analyze.py --sequences 128 --d-sae 16384 --json bench.json
 """
@@ -15,6 +17,7 @@ Then the store is written and its size and query latencies (feature page, filter
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -106,7 +109,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sequences", type=int, default=128)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved bare and pass runs; best of each")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved bare, saekit and naive runs; best of each")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args()
@@ -128,26 +131,32 @@ def main() -> None:
     print(f"{args.model} {args.hook}: random TopK SAE d_sae={args.d_sae} k={args.k} + {model.cfg.d_mlp} neurons; "
           f"{len(tokens)} sequences x {args.context} = {n_tok:,} tokens, batches of {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
-    bare_forward(model, tokens[:args.batch_size], stop, args.batch_size)  # warm-up
     cfg = AnalyzeConfig(batch_size=args.batch_size, sequences=None)
-    bares, passes = [], []
-    for _ in range(args.repeats):  # interleaved, best of each: drift and load hit both alike
+    warm = tokens[:args.batch_size]  # the same warm-up for all three: allocator, kernels, first-call caches
+    bare_forward(model, warm, stop, args.batch_size)
+    analyze(model, sae, warm, cfg, progress=False)
+    naive(model, sae, warm, hooks, args.batch_size)
+    bares, passes, naives = [], [], []
+    for _ in range(args.repeats):  # interleaved rounds, best of each
         bares.append(bare_forward(model, tokens, stop, args.batch_size))
         result = analyze(model, sae, tokens, cfg, progress=False)
         s = result.settings
         passes.append((s["pass_seconds"], s["pass_cpu_seconds"], s["seconds"]))
+        naives.append(naive(model, sae, tokens, hooks, args.batch_size))
     t_bare, c_bare = min(bares)
     t_pass, c_pass, t_all = min(passes)
+    t_naive, c_naive = min(naives)
+    runs = f"best of {args.repeats} after one warm-up batch each"
     print(f"bare forward       {t_bare:7.1f}s  {n_tok / t_bare:8.0f} tok/s   cpu {c_bare:7.1f}s  "
-          f"(best of {args.repeats}: " + ", ".join(f"{b:.1f}" for b, _ in bares) + ")")
+          f"({runs}: " + ", ".join(f"{b:.1f}" for b, _ in bares) + ")")
     print(f"saekit pass        {t_pass:7.1f}s  {n_tok / t_pass:8.0f} tok/s   cpu {c_pass:7.1f}s  "
-          f"({t_pass / t_bare:.2f}x bare wall, {c_pass / c_bare:.2f}x cpu; best of "
-          + ", ".join(f"{p[0]:.1f}" for p in passes) + f")  + {t_all - t_pass:.1f}s per-unit "
-          "finishing (logits, neighbours, co-firing: independent of the token count)")
-    t_naive, c_naive = naive(model, sae, tokens, hooks, args.batch_size)
+          f"({t_pass / t_bare:.2f}x bare wall, {c_pass / c_bare:.2f}x cpu; " + ", ".join(f"{p[0]:.1f}" for p in passes)
+          + f")  + {t_all - t_pass:.1f}s per-unit finishing (logits, neighbours, co-firing: independent of the "
+          "token count)")
     print(f"naive              {t_naive:7.1f}s  {n_tok / t_naive:8.0f} tok/s   cpu {c_naive:7.1f}s  "
           f"({t_naive / t_bare:.2f}x bare; saekit's pass is {t_naive / t_pass:.2f}x faster, and the naive version "
-          "keeps only counts, sums, max and top-20 values)")
+          "keeps only counts, sums, max and top-20 values; " + ", ".join(f"{n:.1f}" for n, _ in naives) + ")")
+    print(f"(1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "features.db"
@@ -168,11 +177,12 @@ def main() -> None:
                       "cpu_saekit_pass_over_bare": c_pass / c_bare, "cpu_naive_over_saekit_pass": c_naive / c_pass},
            "seconds": {"bare": t_bare, "saekit_pass": t_pass, "saekit_finish": t_all - t_pass, "naive": t_naive,
                        "store_write": t_write, "bare_runs": [b for b, _ in bares],
-                       "saekit_pass_runs": [p[0] for p in passes]},
+                       "saekit_pass_runs": [p[0] for p in passes], "naive_runs": [n for n, _ in naives]},
            "cpu_seconds": {"bare": c_bare, "saekit_pass": c_pass, "naive": c_naive},
            "store": {"bytes": size, "units": n_units, "bytes_per_1k_units": per_1k}, "query_ms": latency,
            "setup": {"model": args.model, "hook": args.hook, "d_sae": args.d_sae, "k": args.k, "tokens": n_tok,
-                     "batch_size": args.batch_size, "threads": torch.get_num_threads()}}
+                     "batch_size": args.batch_size, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                     "warmup": "one batch each"}}
     if args.json:
         atomic_write_json(Path(args.json), out)
         print(f"-> {args.json}")

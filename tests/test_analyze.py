@@ -63,9 +63,9 @@ def case(tiny_model):
 def test_statistics_match_brute_force(case, kind):
     result, dense, _, toks = case
     acts, res = dense[kind], result.kinds[kind]
-    fires = acts > 0
+    fires = acts > res.threshold
     assert torch.equal(res.n_fires, fires.sum(0))
-    assert torch.allclose(res.max_act, acts.clamp_min(0).max(0).values, atol=1e-5)
+    assert torch.allclose(res.max_act, torch.where(fires, acts, 0).max(0).values, atol=1e-5)
     assert torch.allclose(res.sum_act, (acts * fires).sum(0).double(), rtol=1e-4, atol=1e-4)
     edges = torch.tensor(hist_edges()[1:-1])
     for u in range(0, acts.shape[1], 7):
@@ -73,6 +73,33 @@ def test_statistics_match_brute_force(case, kind):
         expected = torch.bincount(torch.bucketize(vals, edges, right=True), minlength=HIST_BINS)
         assert torch.equal(res.hist[u], expected), u
     assert result.n_tokens == toks.numel() and (res.n_fires > 0).sum() > acts.shape[1] // 2
+
+
+def test_one_on_rule_for_features_and_neurons(case, tiny_model, monkeypatch):
+    """Features are on above 0; each neuron above its own quantile at the features' median firing rate, set on the
+    first CALIBRATION_TOKENS tokens: here all 368 (every neuron on for the same count), then only the first
+    batch's 80 (the rest of the pass counts with those thresholds)."""
+    import features.analyze.analysis as A
+
+    result, dense, sae, toks = case
+    assert torch.equal(result.kinds["feature"].threshold, torch.zeros(64))
+    f_fires = (dense["feature"] > 0).sum(0)
+    rate = float((f_fires[f_fires > 0].double() / toks.numel()).median())
+    assert result.settings["on_rule"]["neuron_rate"] == pytest.approx(rate)
+    neurons = result.kinds["neuron"]
+    m = round(rate * toks.numel())
+    assert torch.equal(neurons.n_fires, torch.full((64,), m))  # the quantile of all the tokens analysed
+    assert 0 < m < toks.numel() // 10 and bool((neurons.threshold > 0).all())
+    monkeypatch.setattr(A, "CALIBRATION_TOKENS", 80)
+    part = analyze(tiny_model, sae, toks, CFG, progress=False)
+    first = dense["neuron"][:80]
+    f_first = (dense["feature"][:80] > 0).sum(0)
+    rate = float((f_first[f_first > 0].double() / 80).median())
+    want = first.topk(max(1, round(rate * 80)) + 1, dim=0).values[-1].clamp_min(0)
+    got = part.kinds["neuron"].threshold
+    assert torch.allclose(got, want) and part.settings["on_rule"]["calibration_tokens"] == 80
+    assert torch.equal(part.kinds["neuron"].n_fires, (dense["neuron"] > got).sum(0))
+    assert torch.equal(part.kinds["feature"].n_fires, result.kinds["feature"].n_fires)
 
 
 @pytest.mark.parametrize("kind", ["feature", "neuron"])
@@ -84,7 +111,7 @@ def test_top_examples_are_per_sequence_maxima_with_exact_windows(case, kind):
     best, arg = acts.max(dim=1)  # [n_seq, U]
     for u in range(0, acts.shape[2], 5):
         order = best[:, u].argsort(descending=True)
-        expected = [s for s in order.tolist() if best[s, u] > 0][:CFG.top_examples]
+        expected = [s for s in order.tolist() if best[s, u] > res.threshold[u]][:CFG.top_examples]
         got = [s for s in res.top["seq"][u].tolist() if s >= 0]
         assert sorted(best[got, u].tolist(), reverse=True) == pytest.approx(best[expected, u].tolist(), abs=1e-6)
         for slot, s in enumerate(got):
@@ -104,13 +131,14 @@ def test_interval_counts_and_samples(case, kind):
     acts, res = dense[kind], result.kinds[kind]
     n_int = CFG.intervals
     for u in range(acts.shape[1]):
-        vals = acts[acts[:, u] > 0, u]
+        base = float(res.threshold[u])
+        vals = acts[acts[:, u] > base, u]
         if len(vals) == 0:
             assert res.interval_counts[u].sum() == 0
             continue
         w = float(res.interval_width[u])
-        assert n_int * w / 2 < float(vals.max()) <= n_int * w  # the top populated interval holds the max
-        expected = torch.bincount((vals / w).floor().long().clamp(max=n_int - 1), minlength=n_int)
+        assert n_int * w / 2 < float(vals.max()) - base <= n_int * w  # the top populated interval holds the max
+        expected = torch.bincount(((vals - base) / w).floor().long().clamp(max=n_int - 1), minlength=n_int)
         assert torch.equal(res.interval_counts[u], expected)
         for j in range(n_int):
             seqs = res.intervals["seq"][u, j]
@@ -118,7 +146,7 @@ def test_interval_counts_and_samples(case, kind):
             assert int(taken.sum()) == min(CFG.interval_examples, int(expected[j]))
             for s, p, v in zip(seqs[taken], res.intervals["pos"][u, j][taken], res.intervals["value"][u, j][taken],
                                strict=True):
-                assert j * w <= float(v) < (j + 1) * w or (j == n_int - 1 and float(v) <= n_int * w)
+                assert j * w <= float(v) - base < (j + 1) * w or (j == n_int - 1 and float(v) - base <= n_int * w)
                 assert float(v) == pytest.approx(float(acts[int(s) * toks.shape[1] + int(p), u]))
 
 
@@ -380,6 +408,9 @@ def test_real_model_feature_and_neuron_pages(real_model, tmp_path):
         units = store.summary()["units"]
         assert units["feature"]["total"] == 1152 and units["neuron"]["total"] == 1536
         assert units["feature"]["live"] + units["feature"]["dense"] > 1000
+        # one on rule: a neuron is on as often as the median feature, so neurons are live, not all dense
+        rate = store.meta["analysis"]["on_rule"]["neuron_rate"]
+        assert units["neuron"]["dense"] == 0 and units["neuron"]["live"] > 1400 and 0 < rate < 0.1
         assert "ln_final.w applied" in store.meta["analysis"]["logit_effect"]
         for page in (store.feature(store.top("max_act", limit=1)[0].index), store.neuron(100)):
             example = page.top_examples[0]

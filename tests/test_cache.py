@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,3 +184,126 @@ def test_sigkill_mid_cache_then_resume_is_exact(tmp_path, tiny_llama_dir):
         n_train = load_file(str(tmp_path / "runs" / "clean" / "tokens.safetensors"))["train"].shape[0]
         assert len(torch.unique(pairs)) == len(pairs) == n_train * 64  # none missing, none duplicated
         torch.testing.assert_close(acts_k, acts_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun, gloo)
+
+RANK_SCRIPT = """
+import os, sys, time
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from sae.cache import write_cache
+from sae.distributed import dist_info, leave
+
+out, n_seq = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = HookedTransformer(HookedTransformerConfig(
+    n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=500, n_ctx=64, act_fn="silu",
+    normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, model_name="tiny",
+    default_prepend_bos=False)).eval()
+tokens = torch.randint(0, 500, (n_seq, 16), generator=torch.Generator().manual_seed(1))
+ranks = dist_info()
+with open(os.path.join(out, f"pid-{ranks[0]}"), "w") as fh:
+    fh.write(str(os.getpid()))
+if os.environ.get("SLOW_RANK") == str(ranks[0]):  # a straggler, so a test can kill it mid-way
+    fast = model.forward
+    model.forward = lambda *a, **kw: (time.sleep(0.05), fast(*a, **kw))[1]
+write_cache(model, tokens, HOOK_NAMES, os.path.join(out, "cache"), corpus_fingerprint="fp", batch_size=3,
+            shard_sequences=4, progress=False, ranks=ranks)
+leave(ranks[1])
+""".replace("HOOK_NAMES", repr(HOOKS))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cache_run(tmp_path, out, n_seq, world, env=None, wait=True):
+    """Run RANK_SCRIPT as one process or under torchrun with `world` gloo processes."""
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SCRIPT)
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                    str(world), "--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = launcher + [str(script), str(out), str(n_seq)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "cache"
+
+
+def _same_rows(a, b):
+    """Two caches hold the same shards byte for byte, and the same rows by token ids and values."""
+    for hook in HOOKS:
+        ma, mb = read_manifest(a / hook), read_manifest(b / hook)
+        assert ma["complete"] and mb["complete"] and "rank" not in ma
+        assert [(s["index"], s["rows"], s["sha256"]) for s in ma["shards"]] == \
+            [(s["index"], s["rows"], s["sha256"]) for s in mb["shards"]]
+        assert not list((a / hook).glob("manifest.rank-*.json"))
+        meta_a, acts_a = _all_rows(a / hook)
+        meta_b, acts_b = _all_rows(b / hook)
+        for key in ("token_ids", "sequence", "position"):
+            assert torch.equal(meta_a[key], meta_b[key])
+        assert torch.equal(acts_a, acts_b)
+
+
+@pytest.fixture(scope="module")
+def one_process_cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    return _cache_run(tmp, tmp / "run", 60, world=1)
+
+
+def test_two_processes_write_the_rows_one_process_does(one_process_cache, tmp_path):
+    two = _cache_run(tmp_path, tmp_path / "two", 60, world=2)
+    _same_rows(two, one_process_cache)
+    assert CacheReader(two / HOOKS[0]).n_rows == 60 * 16
+
+
+def test_several_ranks_need_their_process_group(tiny_model, tokens, tmp_path):
+    with pytest.raises(SaekitError, match="launch with torchrun"):
+        build(tiny_model, tokens, tmp_path, ranks=(1, 2))
+    with pytest.raises(SaekitError, match=r"rank 2 is not in \[0, 2\)"):
+        build(tiny_model, tokens, tmp_path, ranks=(2, 2))
+
+
+def _listed_parts(cache):
+    return {(hook, s["file"]): s for hook in HOOKS for part in (cache / hook).glob("manifest.rank-*.json")
+            for s in json.loads(part.read_text())["shards"]}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_leaves_complete_shards_and_reruns_finish(one_process_cache, tmp_path):
+    """SIGKILL one of two ranks mid-way: only whole shards remain; a rerun keeps them and ends with the rows
+    one uninterrupted process writes; so does a rerun with another number of processes."""
+    out = tmp_path / "killed"
+    proc = _cache_run(tmp_path, out, 60, world=2, env={"SLOW_RANK": "1"}, wait=False)
+    part = out / "cache" / HOOKS[1] / "manifest.rank-00001.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and len(json.loads(part.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the cache run ended before a rank could be killed"
+    os.kill(int((out / "pid-1").read_text()), signal.SIGKILL)
+    assert proc.wait() != 0  # torchrun stops the other rank and fails
+    cache = out / "cache"
+    assert not (cache / HOOKS[0] / "manifest.json").exists()
+    for hook in HOOKS:  # every shard file under its final name is whole: it parses and has all its rows
+        for shard in (cache / hook).glob("shard-*.safetensors"):
+            assert load_file(str(shard))["activations"].shape[0] == 4 * 16
+    kept = _listed_parts(cache)
+    assert 0 < len(kept) < 2 * 15
+    stamps = {key: (cache / key[0] / key[1]).stat().st_mtime_ns for key in kept}
+    shutil.copytree(out, tmp_path / "copy")
+
+    _cache_run(tmp_path, out, 60, world=2)
+    assert {key: (cache / key[0] / key[1]).stat().st_mtime_ns for key in kept} == stamps  # kept, not rewritten
+    _same_rows(cache, one_process_cache)
+    _same_rows(_cache_run(tmp_path, tmp_path / "copy", 60, world=1), one_process_cache)

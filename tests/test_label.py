@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -26,7 +28,16 @@ from features.labeling import (
 from features.labeling.activations import span_activations
 from features.labeling.probes import Split, full_probe, sparse_probes, split_train_test, stable_hash
 from features.labeling.prompts import Encoded, encode_prompt, length_batches
-from features.labeling.scoring import auroc, best_f1_scores, firing_scores, select_tags
+from features.labeling.scoring import (
+    TAG_RESAMPLES,
+    auroc,
+    best_f1_scores,
+    centered_ci,
+    firing_scores,
+    select_tags,
+    tag_count_ci,
+    tag_counter,
+)
 from features.labeling.timing import Timer
 from features.layout import store_in
 from features.report import render_markdown, write_report
@@ -105,6 +116,50 @@ def test_best_f1_threshold_matches_brute_force():
         on = a[u] > sc.threshold[u, v]
         tp = sum(bool(on[i]) and labels[i] == v for i in range(25))
         assert math.isclose(2 * tp / (int(on.sum()) + labels.count(v)), float(sc.f1[u, v]), abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["best_f1", "fires"])
+def test_tag_counter_rescoring_a_resample_matches_brute_force(rule):
+    """A bootstrap resample scored as entity weights gives the F1, AUROC and support of scoring the resampled
+    (duplicated) entities from scratch, for every candidate pair, and on all entities it counts the tags."""
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    a = torch.randn(30, 40, generator=gen).round(decimals=1)  # ties
+    a[:10] += 2 * (labels == torch.arange(10)[:, None] % 3)  # units 0..9 mark a value
+    thresholds = torch.rand(30, generator=gen) if rule == "fires" else None
+
+    def scores(acts, lab):
+        y = onehot(lab.tolist(), 3)
+        return best_f1_scores(acts, y) if thresholds is None else firing_scores(acts, y, thresholds)
+
+    sc = scores(a, labels)
+    counter = tag_counter(a, labels, sc, thresholds, (0.6, 0.85, 5))
+    assert 10 <= len(counter.pairs) < 90 and counter(np.arange(40)) == len(select_tags(sc, 0.6, 0.85, 5))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        idx = rng.integers(0, 40, 40)
+        brute = scores(a[:, idx], labels[idx])
+        ok = (brute.f1 >= 0.6 - 1e-6) & (brute.auroc >= 0.85 - 1e-6) & (brute.support >= 5)[None]
+        got = counter.weighted(torch.bincount(torch.as_tensor(idx), minlength=40).float())
+        assert got.tolist() == ok[counter.pairs[:, 0], counter.pairs[:, 1]].tolist()
+    ci = tag_count_ci(counter)
+    assert ci.lo <= ci.value == counter(np.arange(40)) <= ci.hi and ci.lo < ci.hi
+
+
+def test_centered_interval_sits_around_a_count_its_resamples_overshoot():
+    """Resamples repeat entities; a count that grows with repeats (here: repeated entities, as units crossing a
+    threshold do) has a percentile interval above the count itself, so the count gets the spread around it."""
+    from features.labeling.significance import paired_bootstrap_ci
+
+    def repeats(parts):
+        return float(5 + len(parts[0]) - len(np.unique(parts[0])))
+
+    groups = [np.arange(40)]
+    plain = paired_bootstrap_ci(groups, repeats, resamples=TAG_RESAMPLES)
+    got = centered_ci(groups, repeats)
+    assert plain.value == got.value == 5 and plain.lo > 5  # the percentile interval misses the count
+    assert got.lo <= 5 <= got.hi and got.hi - got.lo == pytest.approx(plain.hi - plain.lo)
+    assert centered_ci(groups, lambda parts: 0.0).as_list() == [0.0, 0.0]
 
 
 def test_probes_on_separable_data():
@@ -212,12 +267,71 @@ def test_label_probes_and_causal_checks(tiny_case):
     feat1 = next(p for p in result.probes if (p.kind, p.method) == ("feature", "1-sparse"))
     assert feat1.accuracy == 1.0 and feat1.details["units"] == [0]  # the planted feature alone separates
     assert all(0 <= p.accuracy <= 1 and p.n_test > 0 for p in result.probes)
+    for p in result.probes:  # each accuracy with its interval over the held-out entities
+        lo, hi = p.details["accuracy_ci"]
+        assert lo <= p.accuracy <= hi and len(p.details["test_correct"]) == p.n_test
+        assert sum(p.details["test_correct"]) == round(p.accuracy * p.n_test)
     checked = [c for c in result.causal if c.kind == "feature" and c.index == 0]
     assert len(checked) == 1 and checked[0].n_prompts == 4 and checked[0].drop is not None
-    assert checked[0].status in ("causal", "correlational only") and checked[0].z is not None
+    c = checked[0]
+    assert len(c.diffs) == 4 and len(c.control_drops) == cfg.causal_controls
+    assert c.effect == pytest.approx(sum(c.diffs) / 4) and c.effect == pytest.approx(c.drop - c.control_mean)
+    assert c.effect_ci[0] <= c.effect <= c.effect_ci[1] and c.p >= 1 / 16  # 4 prompts: p is at least 2^-4
+    assert c.p_holm >= c.p and c.status == "correlational only"  # too few prompts to be significant
     tag = next(t for t in result.tags if t.kind == "feature" and t.index == 0)
-    assert tag.causal_effect == checked[0].drop and tag.causal_status == checked[0].status
+    assert tag.causal_effect == c.effect and tag.causal_status == c.status and tag.causal_p == c.p_holm
+    assert tag.causal_ci == tuple(c.effect_ci)
+    assert all(x != 0 for x in c.control_drops)  # controls off at the entity are ablated value-matched, not zero
+    # tag counts carry their interval over entities
+    colour = next(a for a in result.attributes if a.attribute == "colour")
+    for kind in ("feature", "neuron"):
+        lo, hi = colour.n_tags_ci[kind]
+        assert lo <= colour.n_tags[kind] <= hi
+        assert result.cis["tags"][kind][0] <= sum(t.kind == kind for t in result.tags) <= result.cis["tags"][kind][1]
     assert result.timings["forward"] > 0 and result.timings["total"] >= result.timings["forward"]
+
+
+def test_causal_verdicts_are_a_holm_corrected_test_over_prompts():
+    """Per-prompt differences -> effect, CI and sign-flip p; Holm across all tags; "causal" needs both the corrected
+    p and the minimum effect, with no floor on any spread."""
+    from features.labeling.causal import ALPHA, paired_effect, verdicts
+    from features.labeling.results import CausalResult
+
+    def result(unit, controls):
+        r = CausalResult("feature", 0, "thing", "colour", "red", len(unit))
+        paired_effect(r, unit, controls, seed=0)
+        return r
+
+    strong = result([0.5] * 16, [[0.0, 0.02]] * 16)  # every prompt: the unit's drop beats the controls'
+    small = result([0.06] * 16, [[0.0, 0.0]] * 16)  # as consistent, but below the minimum effect
+    mixed = result([0.5, -0.5] * 8, [[0.0, 0.0]] * 16)  # no consistent sign
+    few = result([0.5] * 4, [[0.0, 0.0]] * 4)  # consistent, but 4 prompts cannot reach p < 0.05 / 4
+    assert strong.effect == pytest.approx(0.49) and strong.control_mean == pytest.approx(0.01)
+    assert strong.p == pytest.approx(2 ** -16) and strong.effect_ci == pytest.approx([0.49, 0.49])
+    assert strong.control_drops == pytest.approx([0.0, 0.02]) and len(strong.diffs) == 16
+    verdicts([strong, small, mixed, few], min_effect=0.1)
+    assert strong.p_holm == pytest.approx(4 * 2 ** -16) and strong.status == "causal"
+    assert small.p_holm < ALPHA and small.status == "correlational only"
+    assert mixed.p > 0.4 and mixed.status == "correlational only"
+    assert few.p == pytest.approx(1 / 16) and few.status == "correlational only"
+
+
+def test_controls_off_on_a_prompt_get_a_value_matched_ablation():
+    """A control that is off at the prompt's entity tokens is not a free zero drop: it is ablated by the tagged
+    unit's activation, rescaled to the control's typical activation, along its own direction."""
+    from features.labeling.causal import Candidate, _patches, _Site
+    from features.labeling.results import AttributeReport, UnitOn
+
+    attr = SimpleNamespace(report=AttributeReport("thing", "colour", 4, 2))
+    acts = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.5, 0.0]])  # [span, units] at the entity's two tokens
+    on = UnitOn(torch.full((3,), 0.1), torch.tensor([4.0, 1.0, 2.0]), torch.zeros(3))
+    W_dec = torch.eye(3, 5)
+    site = _Site(Candidate("feature", 0, attr, 0, 1.0, 0.5), {7: acts}, [7], on, "hook", 5, W_dec)
+    patches, owners = _patches(site, [1, 2], None)
+    assert [o[0] for o in owners] == ["clean", "unit", "control", "control"]
+    assert torch.equal(patches[1].delta, -acts[:, 0:1] * W_dec[0])  # the unit's own contribution
+    assert torch.equal(patches[2].delta, -acts[:, 1:2] * W_dec[1])  # control 1 is on: its own contribution
+    assert torch.allclose(patches[3].delta, -acts[:, 0:1] * (2.0 / 4.0) * W_dec[2])  # control 2 is off
 
 
 def test_ablating_the_planted_feature_matches_a_manual_forward(tiny_case, tiny_model):
@@ -301,9 +415,9 @@ def make_run(tmp_path, tiny_model, analyse: bool = True):
     save_sae(tiny_label_sae(tiny_model, es, word_tokenizer(es.entities)), folder,
              metadata={"context_size": 16, "prepend_bos": False})
     if analyse:
-        toks = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(3))
+        toks = torch.randint(0, 40, (32, 16), generator=torch.Generator().manual_seed(3))
         run_analysis(tiny_model, folder, store_in(folder), {"train": toks, "held_out": toks[:0]},
-                     AnalyzeConfig(batch_size=4, sequences=8, top_examples=4, intervals=4, interval_examples=3),
+                     AnalyzeConfig(batch_size=8, sequences=32, top_examples=4, intervals=4, interval_examples=3),
                      progress=False)
     return cfg, folder, es
 
@@ -329,6 +443,15 @@ def test_run_label_writes_store_and_report(tmp_path, tiny_model):
         assert (report.parent / png).read_bytes()[:4] == b"\x89PNG"
     data = json.loads((report.parent / "label.json").read_text())
     assert data["n_tags"]["feature"] == sum(t.kind == "feature" for t in result.tags)
+    assert data["wordnet"] is (semantics["wordnet"] is not None)
+    for kind in ("feature", "neuron"):
+        h = data["headline"][kind]
+        assert h["monosemantic_share"] == h["mono_share"] == semantics[kind]["mono_share"]
+        lo, hi = h["monosemantic_share_ci"]
+        assert lo <= h["monosemantic_share"] <= hi
+        for key in ("tags", "attributes_tagged", "probe_1", "probe_k"):
+            assert h[f"{key}_ci"][0] <= h[key] <= h[f"{key}_ci"][1], key
+    assert "Holm p" in text and "[" in text.split("## Headline")[1].split("##")[0]
     with FeatureStore.open(store_in(folder)) as store:
         tags = store.find_tags(kind="feature", index=0)
         assert [(t.attribute, t.value, t.f1) for t in tags] == [("colour", "red", 1.0)]
@@ -339,6 +462,31 @@ def test_run_label_writes_store_and_report(tmp_path, tiny_model):
     # a report can be rewritten from the result alone (no plots)
     again = LabelOutcome(result, semantics, {"sae_id": "x"})
     assert write_report(tmp_path / "again", again, plots=False).is_file()
+
+
+def test_label_applies_the_stores_on_rule(tmp_path, tiny_model):
+    """With the store's unit statistics, `feature_on: fires` tags a unit above its own on threshold from the
+    analysis pass, features (0) and neurons (their matched quantile) alike, and the causal controls are matched on
+    the store's frequencies."""
+    from features.store import FeatureStore
+
+    cfg, folder, es = make_run(tmp_path, tiny_model)
+    cfg.feature_on, cfg.min_f1, cfg.min_auroc, cfg.causal_tags = "fires", 0.5, 0.6, 0
+    with FeatureStore.open(store_in(folder)) as store:
+        stats = store.unit_stats()
+    sae = tiny_label_sae(tiny_model, es, word_tokenizer(es.entities))
+    result = label(tiny_model, sae, [es], cfg, tokenizer=word_tokenizer(es.entities), stats=stats,
+                   log=lambda m: None)
+    assert result.settings["on_thresholds_from"] == "feature store"
+    acts = result.data["thing"]
+    by_kind = {k: torch.tensor(stats[k].threshold) for k in ("feature", "neuron")}
+    assert bool((by_kind["neuron"] > 0).all())
+    for t in result.tags:  # a tag's entities are exactly the value's entities above the unit's store threshold
+        names = acts["names"]
+        on = acts[t.kind][:, t.index] > by_kind[t.kind][t.index]
+        want = {n for n, o, v in zip(names, on.tolist(), es.attributes["colour"], strict=True) if o and v == t.value}
+        assert set(t.entities) == want
+    assert any(t.kind == "neuron" for t in result.tags) and any(t.kind == "feature" for t in result.tags)
 
 
 def test_store_without_analysis_pass_says_run_analyze(tmp_path, tiny_model):

@@ -89,6 +89,7 @@ def test_unit_on_one_concept_is_monosemantic_and_a_diffuse_unit_is_not():
     summary = summarise([mono, poly, mixed, rare])
     assert summary["feature"]["classes"] == {"monosemantic": 1, "polysemantic": 2}
     assert math.isclose(summary["feature"]["mono_share"], 1 / 3)
+    assert summary["feature"]["mono_share_ci"] == [0.0, 1.0]  # three units: anything from none to all
     assert summary["neuron"]["mono_share"] is None
     rows = to_store_rows([mono, rare])
     assert rows[0].cls == "monosemantic" and rows[1].cls == "dead"
@@ -104,16 +105,54 @@ def test_few_examples_are_discounted():
     assert mixed[0]["concept"] == "token:x" and mixed[0]["p_low"] < mixed[0]["p"] == 0.6
 
 
-@pytest.mark.skipif(WordNet.find() is None, reason="WordNet database not installed")
 def test_wordnet_lexnames():
+    """WordNet's database is installed by scripts/ensure_wordnet.sh (`make run`, `make test`), so this always runs."""
     wn = WordNet.find()
+    assert wn is not None, "WordNet missing: run scripts/ensure_wordnet.sh"
     try:
-        assert "wn:noun.animal" in wn.lexnames("dogs")
+        assert "wn:noun.animal" in wn.lexnames("dogs") and "wn:dog.n" in wn.lexnames("dogs")
         assert "wn:noun.location" in wn.lexnames("city") or "wn:noun.group" in wn.lexnames("city")
         assert any(x.startswith("wn:verb") for x in wn.lexnames("running"))
+        assert {"wn:african_country.n", "wn:country.n"} <= set(wn.lexnames("Kenya"))  # instance hypernyms too
         assert wn.lexnames("qzxv") == []
     finally:
         wn.close()
+
+
+def test_a_bird_unit_gets_the_wordnet_concept_bird():
+    """The issue's feature #2539 (rooster, hawks, fowl, bird): every example shares WordNet's bird (the concept
+    below which all four words sit), so the unit is monosemantic and bird is its concept, where token identities
+    alone made it "polysemantic"."""
+    vocab = [" rooster", " hawks", " fowl", " bird", " the", " car", " ran", " blue", ",", " of", " house", " dogs"]
+    filler = [4, 5, 6, 7, 8, 9, 10, 11] * 6  # " dogs": animals are commoner than birds
+    sequences = [[i] + filler for i in range(4)] * 5  # each bird word 5 times among 980 tokens
+    birds = [(s, 0) for s in range(20)]
+    examples = [interval(50, [(s, p, 1.0 + 0.1 * k) for k, (s, p) in enumerate(birds[:10])]),
+                interval(50, [(s, p, 3.0) for s, p in birds[10:]])]
+    wn = WordNet.find()
+    try:
+        with_wn = unit_semantics("feature", 0, 100, examples, [], Concepts(sequences, vocab, wordnet=wn))
+        without = unit_semantics("feature", 0, 100, examples, [], Concepts(sequences, vocab, wordnet=None))
+    finally:
+        wn.close()
+    assert with_wn.cls == "monosemantic" and with_wn.concepts[0]["p"] == 1.0
+    assert with_wn.concepts[0]["concept"] == "wn:bird.n"  # the most specific concept covering all four words
+    assert without.cls == "polysemantic" and without.score < 0.5
+
+
+def test_weights_count_activation_above_the_on_threshold():
+    """A neuron's examples weigh by their activation above its on threshold (0 for features): just above the
+    threshold counts for almost nothing, so both kinds' scores mean the same thing."""
+    seqs = [[1, 2, 3, 7, 4, 5] * 4, [4, 6, 7, 8, 9, 10] * 4, [1, 2, 3, 9] * 6]
+    c = toy_concepts(seqs)
+    ent = [(s, p) for s in range(2) for p in range(24) if "entity:country" in c.of(s, p)][:5]
+    other = [(2, p) for p in range(5)]
+    ivs = [interval(100, [(s, p, 2.0) for s, p in other]), interval(100, [(s, p, 4.0) for s, p in ent])]
+    as_feature = unit_semantics("neuron", 0, 200, ivs, [], c)
+    as_neuron = unit_semantics("neuron", 0, 200, ivs, [], c, threshold=1.95)
+    country = next(d for d in as_neuron.concepts if d["concept"] == "entity:country")
+    assert country["p"] == pytest.approx(2.05 / 2.1, abs=1e-3)  # 5 x (4 - 1.95) vs 5 x (2 - 1.95)
+    assert as_neuron.cls == "monosemantic" and as_feature.cls == "polysemantic"
 
 
 def test_score_store_on_a_tiny_store(tmp_path, tiny_model):

@@ -90,7 +90,15 @@ def test_feature_page_matches_the_analysis(built):
             assert [j for j, _ in u.neighbours] == res.neighbours[0][i].tolist()
             assert len(u.correlated) == 3 and len(u.aligned) == 3
         n = store.neuron(5)
-        assert n.kind == "neuron" and n.status == "dense" and [j for j, _ in n.correlated]
+        assert n.kind == "neuron" and n.status == "live" and [j for j, _ in n.correlated]
+        t = float(analysis.kinds["neuron"].threshold[5])
+        assert n.threshold == pytest.approx(t) and t > 0 and n.intervals[0].min == pytest.approx(t)
+        assert all(e.value > t for iv in n.intervals for e in iv.examples + n.top_examples)
+        stats = store.unit_stats()
+        assert stats["feature"].threshold == [0.0] * 64 and stats["neuron"].threshold[5] == pytest.approx(t)
+        assert stats["neuron"].freq[5] == pytest.approx(n.freq)
+        assert stats["feature"].mean_act[17] == pytest.approx(store.feature(17).mean_act)
+        assert store.unit_table("neuron")["threshold"][5] == pytest.approx(t)
         assert store.feature(63).status == "dead" and store.feature(63).top_examples == []
 
 
@@ -129,6 +137,8 @@ def test_summary_counts_and_metadata(built):
     feats = s["units"]["feature"]
     assert feats["total"] == 64 and feats["live"] + feats["dead"] + feats["dense"] == 64 and feats["dead"] >= 1
     assert s["units"]["neuron"]["total"] == 64
+    # one on rule: every neuron is on about as often as a typical feature, none dense, none dead
+    assert s["units"]["neuron"]["live"] == 64 and density_note(s["units"]["neuron"]) == ""
     assert s["eval"] == {"l0": 4.0, "fvu": 0.5} and s["sae"]["d_sae"] == 64 and s["n_tokens"] == 320
     assert s["hook"] == HOOK and s["config"] == meta["run_config"]
 
@@ -178,8 +188,9 @@ def test_labeler_tables_roundtrip_and_show_on_pages(db):
 
 def test_unknown_or_older_schema_versions_are_refused(db, tmp_path):
     with sqlite3.connect(db) as con:
-        con.execute("PRAGMA user_version = 0")
-    with pytest.raises(SaekitError, match=f"schema version 0, older than the version {SCHEMA_VERSION}.*saekit analyze"):
+        con.execute("PRAGMA user_version = 1")  # before the on thresholds: neurons counted with "> 0"
+    with pytest.raises(SaekitError, match=f"schema version 1, older than the version {SCHEMA_VERSION}.*saekit analyze "
+                                          "--config <your config> --overwrite"):
         FeatureStore.open(db)
     with sqlite3.connect(db) as con:
         con.execute("PRAGMA user_version = 99")

@@ -1,9 +1,10 @@
 """Feature analysis: one streaming pass of model + SAE over a token set gives, for every SAE feature and every
 MLP neuron of the same layer, the statistics and examples a feature page shows, written to a feature store.
 
-`config` (AnalyzeConfig), `firings` / `reservoirs` / `stats` (the running per-unit statistics), `weights`
-(what depends on weights only), `analysis` (the pass, `analyze`), `sources` (which tokens; model or cache
-activations), `records` (results as the store's records) and `run` (`run_analysis`, the stage's entry point).
+`config` (AnalyzeConfig), `on_rule` (when a unit is "on": one rule for features and neurons), `firings` /
+`reservoirs` / `stats` (the running per-unit statistics), `weights` (what depends on weights only), `analysis`
+(the pass, `analyze`), `sources` (which tokens; model or cache activations), `records` (results as the store's
+records) and `run` (`run_analysis`, the stage's entry point).
 """
 
 from features.analyze.analysis import Analysis, KindResult, analyze

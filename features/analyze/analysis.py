@@ -1,10 +1,12 @@
 """The analysis pass: one streaming pass of model + SAE over a token set gives, for every SAE feature and every
 MLP neuron of the same layer, the statistics and examples a feature page shows.
 
-Each quantity is a running reduction over batches (see `stats`), so memory depends on the number of units,
-never on the number of tokens, and no tokens x units matrix outlives its batch:
+"Firing" is one rule for both kinds (`on_rule`): above the unit's threshold, 0 for features and a quantile
+matched to the features' median firing rate for the signed neurons, estimated on the first batches (kept in
+memory until then). Each quantity is a running reduction over batches (see `stats`), so memory depends on the
+number of units, never on the number of tokens, and no tokens x units matrix outlives its batch:
 
-- firing count, sum, max and a log-spaced histogram: scatter-adds over the batch's positive entries;
+- firing count, sum, max and a log-spaced histogram: scatter-adds over the batch's entries above threshold;
 - top activating contexts, at most one per sequence (its max token): a [units, k] table merged with each
   batch's candidates by one sort (`Reservoirs`, key = -value);
 - interval examples: equal-width intervals whose width doubles when a larger activation appears, each keeping
@@ -20,6 +22,7 @@ and co-firing (weighted by each interval's share of firings) is computed once af
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +35,7 @@ from transformer_lens import HookedTransformer
 
 from features.analyze.config import AnalyzeConfig
 from features.analyze.firings import feature_firings, firings_from_dense
+from features.analyze.on_rule import CALIBRATION_TOKENS, RULE_TEXT, neuron_thresholds, rule_settings
 from features.analyze.sources import Batches, analysed_hooks, model_batches
 from features.analyze.stats import HIST_BINS, Correlation, UnitAccumulator, Window, cofiring, hist_edges
 from features.analyze.weights import cosine_top, feature_directions, ln_final_weight, logit_effects
@@ -50,12 +54,13 @@ class KindResult:
 
     kind: Kind
     n_units: int
+    threshold: Tensor  # [U] the on threshold (`on_rule`): everything below counts tokens where the unit is on
     n_fires: Tensor  # [U] int64
     sum_act: Tensor  # [U] float64, over firing tokens
     max_act: Tensor  # [U]
     hist: Tensor  # [U, HIST_BINS] int64
     top: dict[str, Tensor]  # seq, pos, value, window: [U, k(, w)], value-descending, seq -1 where empty
-    interval_width: Tensor  # [U]; interval j is [j*w, (j+1)*w)
+    interval_width: Tensor  # [U]; interval j is [threshold + j*w, threshold + (j+1)*w)
     interval_counts: Tensor  # [U, n_intervals] int64
     intervals: dict[str, Tensor]  # seq, pos, value, window: [U, n_intervals, m(, w)]
     cofiring: tuple[Tensor, Tensor]  # (ids, share) [U, n]
@@ -94,12 +99,13 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
     n_seq, ctx = tokens.shape
     if n_seq == 0:
         raise SaekitError("no sequences to analyse; raise analyze.sequences or the corpus size")
-    acc, corr = _accumulators(sae.shape.d_sae, model.cfg.d_mlp, cfg, ctx)
     if batches is None:
         batches = model_batches(model, tokens, analysed_hooks(sae, cfg.neurons), cfg.batch_size)
+    head, rest, thresholds, rule = _calibrate(sae, batches, cfg.neurons)
+    acc, corr = _accumulators(thresholds, cfg, ctx)
     with tqdm(total=tokens.numel(), unit="tok", unit_scale=True, desc="analysing", disable=not progress,
               dynamic_ncols=True) as bar:
-        for first, acts in batches:
+        for first, acts in itertools.chain(head, rest):
             _update(sae, acts, first, ctx, acc, corr)
             bar.update(len(acts[sae.provenance.hook_name]))
     timing = {"pass_seconds": time.perf_counter() - t0, "pass_cpu_seconds": time.process_time() - cpu0}
@@ -109,20 +115,43 @@ def analyze(model: HookedTransformer, sae: SAE, tokens: Tensor, cfg: AnalyzeConf
     _add_weight_results(model, sae, results, cfg)
     timing.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0)
     settings = _settings(model, sae, cfg, list(results), tokens, timing)
+    settings["on_rule"] = rule
     return Analysis(results, tokens.cpu(), sources or [("tokens", i) for i in range(n_seq)], settings)
 
 
-def _accumulators(d_sae: int, d_mlp: int, cfg: AnalyzeConfig,
+def _calibrate(sae: SAE, batches: Batches, neurons: bool) -> tuple[list[tuple[int, dict[str, Tensor]]], Batches,
+                                                                   dict[Kind, Tensor], dict[str, Any]]:
+    """The on thresholds (`on_rule`) per kind, from the first CALIBRATION_TOKENS tokens: (those batches, kept in
+    memory to be analysed first, the remaining batches, thresholds, the rule's settings for the store)."""
+    zeros = torch.zeros(sae.shape.d_sae)
+    if not neurons:
+        return [], batches, {"feature": zeros}, rule_settings(None, 0)
+    it = iter(batches)
+    head = list(itertools.islice(it, 1))
+    read = sae.provenance.hook_name
+    while head and sum(len(a[read]) for _, a in head) < CALIBRATION_TOKENS:
+        more = list(itertools.islice(it, 1))
+        if not more:
+            break
+        head += more
+    fires = torch.zeros(sae.shape.d_sae, dtype=torch.int64)
+    for _, acts in head:
+        fires += torch.bincount(feature_firings(sae, acts[read].float(), 1).unit, minlength=sae.shape.d_sae)
+    values = torch.cat([acts[neuron_hook(read)].float() for _, acts in head])
+    thresholds, rate = neuron_thresholds(fires, values)
+    return head, it, {"feature": zeros, "neuron": thresholds}, rule_settings(rate, len(values))
+
+
+def _accumulators(thresholds: dict[Kind, Tensor], cfg: AnalyzeConfig,
                   ctx: int) -> tuple[dict[Kind, UnitAccumulator], Correlation | None]:
-    """Empty running statistics for the features and (cfg.neurons) the neurons and their correlations."""
+    """Empty running statistics for the features and (with neuron thresholds) the neurons and their correlations."""
     window = Window(cfg.window_before, cfg.window_after, ctx)
     gen = torch.Generator().manual_seed(cfg.seed)
-    acc: dict[Kind, UnitAccumulator] = {
-        "feature": UnitAccumulator("feature", d_sae, cfg, window, min(COFIRE_WIDTH, d_sae), gen)}
-    if not cfg.neurons:
+    acc = {kind: UnitAccumulator(kind, t, cfg, window, min(COFIRE_WIDTH, len(t)), gen)
+           for kind, t in thresholds.items()}
+    if "neuron" not in acc:
         return acc, None
-    acc["neuron"] = UnitAccumulator("neuron", d_mlp, cfg, window, min(COFIRE_WIDTH, d_mlp), gen)
-    return acc, Correlation(d_sae, d_mlp)
+    return acc, Correlation(acc["feature"].n, acc["neuron"].n)
 
 
 def _update(sae: SAE, acts: dict[str, Tensor], first: int, ctx: int, acc: dict[Kind, UnitAccumulator],
@@ -133,7 +162,8 @@ def _update(sae: SAE, acts: dict[str, Tensor], first: int, ctx: int, acc: dict[K
         raise SaekitError(f"a batch of {feats.n_tokens} activations is not whole sequences of {ctx} tokens")
     acc["feature"].update(feats, first)
     if corr is not None:
-        neurons = firings_from_dense(acts[neuron_hook(sae.provenance.hook_name)], acc["neuron"].cofire)
+        neurons = firings_from_dense(acts[neuron_hook(sae.provenance.hook_name)], acc["neuron"].cofire,
+                                     acc["neuron"].threshold)
         acc["neuron"].update(neurons, first)
         corr.update(feats, neurons.dense)
 
@@ -170,7 +200,7 @@ def _settings(model: HookedTransformer, sae: SAE, cfg: AnalyzeConfig, kinds: lis
         "sae_hook": prov.hook_name, "sae_hook_out": prov.hook_name_out, "neuron_hook": neuron_hook(prov.hook_name),
         "kinds": kinds, "n_tokens": tokens.numel(), "n_sequences": tokens.shape[0], "context_size": tokens.shape[1],
         "window_before": cfg.window_before, "window_after": cfg.window_after, "hist_edges": hist_edges(),
-        "firing": "activation > 0 (neurons: the signed blocks.L.mlp.hook_post value > 0)",
+        "firing": RULE_TEXT,
         "dense_threshold": DENSE_THRESHOLD,
         "logit_effect": f"(direction * ln_final.w) @ W_U, {ln_note}; direction = decoder row (through W_out for an "
                         "mlp.hook_post SAE) for features, W_out row for neurons; b_U and the norm's scale left "
@@ -195,7 +225,7 @@ def _finish(a: UnitAccumulator, n_related: int) -> KindResult:
     shaped = {k: v.gather(2, by_value.view(*by_value.shape, *([1] * (v.dim() - 3))).expand_as(v))
               for k, v in shaped.items()}
     return KindResult(
-        kind=a.kind, n_units=a.n, n_fires=a.count, sum_act=a.sum, max_act=a.max,
+        kind=a.kind, n_units=a.n, threshold=a.threshold, n_fires=a.count, sum_act=a.sum, max_act=a.max,
         hist=a.hist.view(a.n, HIST_BINS), top={k: v for k, v in top.items() if k != "key"},
         interval_width=a.intervals.width, interval_counts=a.intervals.counts.view(a.n, a.intervals.n),
         intervals={k: v for k, v in shaped.items() if k != "key"}, cofiring=cofiring(a.intervals, n_related))

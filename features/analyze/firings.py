@@ -19,16 +19,17 @@ FLOAT16_MAX = 65504.0  # windows are stored as float16
 
 
 class Firings(NamedTuple):
-    """A batch's positive activations as a token-major sparse list (units ascending within a token), the most
-    active units at each token, and the dense matrix where the kind has one (neurons: signed values)."""
+    """A batch's activations above each unit's on threshold (see `on_rule`) as a token-major sparse list (units
+    ascending within a token), the most active units that are on at each token, and the dense matrix where the
+    kind has one (neurons: signed values)."""
 
     unit: Tensor  # [nnz] int64
     token: Tensor  # [nnz] int64 row in the batch: sequence * ctx + position
-    value: Tensor  # [nnz] float32, > 0
+    value: Tensor  # [nnz] float32, > the unit's threshold (>= 0)
     n_tokens: int
     n_units: int
     dense: Tensor | None  # [n_tokens, n_units] or None
-    at_token: Tensor  # [n_tokens, width] int64: the `width` most active firing units per token, -1 where fewer
+    at_token: Tensor  # [n_tokens, width] int64: the `width` most active units on per token, -1 where fewer
     unit_major: tuple[Tensor, Tensor] | None = None  # sparse kinds: (unit * n_tokens + token sorted, values)
 
 
@@ -44,11 +45,13 @@ def _strongest(values: Tensor, ids: Tensor, width: int) -> Tensor:
     return out
 
 
-def firings_from_dense(acts: Tensor, width: int) -> Firings:
+def firings_from_dense(acts: Tensor, width: int, threshold: Tensor | None = None) -> Firings:
+    """The entries of acts [tokens, units] above each unit's on threshold (`on_rule`; None: 0); `dense` keeps
+    every value (signed, for neurons) for windows and correlations."""
     acts = acts.float()
-    mask = acts > 0
+    mask = acts > (0.0 if threshold is None else threshold[None, :])
     token, unit = mask.nonzero(as_tuple=True)
-    at = _strongest(acts, torch.arange(acts.shape[1]), width)
+    at = _strongest(torch.where(mask, acts, 0.0), torch.arange(acts.shape[1]), width)
     return Firings(unit, token, acts[mask], acts.shape[0], acts.shape[1], acts, at)
 
 

@@ -63,6 +63,7 @@ def _kind_records(res: KindResult, settings: dict[str, Any], n_tokens: int, tok:
     top = {k: v.numpy() for k, v in res.top.items()}
     iv = {k: v.numpy() for k, v in res.intervals.items()}
     width, counts = res.interval_width.double().numpy(), res.interval_counts.numpy()
+    threshold = res.threshold.double().numpy()
     logits = {k: v.numpy() for k, v in res.logits.items()} if res.logits is not None else None
     for i in range(res.n_units):
         n = int(n_fires[i])
@@ -70,10 +71,11 @@ def _kind_records(res: KindResult, settings: dict[str, Any], n_tokens: int, tok:
         dec = _decimals(float(max_act[i]))
         top_ex = _examples(top["seq"][i], top["pos"][i], top["value"][i], top["window"][i], before, dec)
         logit = _logits(logits, i, tok) if logits is not None else None
-        intervals = _intervals({k: v[i] for k, v in iv.items()}, float(width[i]), counts[i], before, dec)
+        intervals = _intervals({k: v[i] for k, v in iv.items()}, float(threshold[i]), float(width[i]), counts[i],
+                               before, dec)
         yield UnitRecord(
             kind=res.kind, index=i, status=_status(n, freq, settings["dense_threshold"]), n_fires=n, freq=freq,
-            mean_act=float(mean[i]), max_act=float(max_act[i]),
+            mean_act=float(mean[i]), max_act=float(max_act[i]), threshold=float(threshold[i]),
             top_tokens=list(dict.fromkeys(tok(int(tokens[e[0], e[1]])) for e in top_ex)),
             pos_tokens=[p[1] for p in logit.pos] if logit is not None else [],
             hist=_hist(hist[i]), top_examples=top_ex, intervals=intervals,
@@ -108,11 +110,12 @@ def _examples(seq: np.ndarray, pos: np.ndarray, value: np.ndarray, window: np.nd
     return out
 
 
-def _intervals(iv: dict[str, np.ndarray], width: float, counts: np.ndarray, before: int,
+def _intervals(iv: dict[str, np.ndarray], base: float, width: float, counts: np.ndarray, before: int,
                decimals: int) -> list[IntervalRecord]:
-    """One unit's populated intervals with their share of its firings and their examples."""
+    """One unit's populated intervals (from its on threshold `base` up) with their share of its firings and their
+    examples."""
     total = int(counts.sum())
-    return [IntervalRecord(j * width, (j + 1) * width, int(counts[j]), round(int(counts[j]) / total, 6),
+    return [IntervalRecord(base + j * width, base + (j + 1) * width, int(counts[j]), round(int(counts[j]) / total, 6),
                            _examples(iv["seq"][j], iv["pos"][j], iv["value"][j], iv["window"][j], before, decimals))
             for j in np.flatnonzero(counts).tolist()]
 

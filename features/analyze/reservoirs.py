@@ -90,25 +90,29 @@ class Reservoirs:
 class IntervalSampler:
     """Uniform examples from equal-width activation intervals, in one pass with no max known in advance.
 
-    Each unit has `n` intervals of width w, a power of two. Its first firing sets w so that n*w covers the max
-    seen; whenever a larger max appears w doubles and neighbouring intervals merge pairwise: counts add, and the
-    bottom-k samples merge exactly. At the end the unit's max lies in (n*w/2, n*w], so the top populated
+    Each unit's intervals start at its on threshold b (`base`; 0 for features): interval j is [b + j*w,
+    b + (j+1)*w). It has `n` intervals of width w, a power of two. Its first firing sets w so that n*w covers
+    max - b; whenever a larger max appears w doubles and neighbouring intervals merge pairwise: counts add, and
+    the bottom-k samples merge exactly. At the end the unit's max - b lies in (n*w/2, n*w], so the top populated
     interval holds the max and between n/2 + 1 and n intervals are populated.
     """
 
-    def __init__(self, n_units: int, n_intervals: int, size: int, window: int, cofire: int) -> None:
+    def __init__(self, n_units: int, n_intervals: int, size: int, window: int, cofire: int,
+                 base: Tensor | None = None) -> None:
         self.n_units, self.n, self.size = n_units, n_intervals, size
+        self.base = torch.zeros(n_units) if base is None else base.float()
         self.width = torch.zeros(n_units)  # 0 until the unit fires
         self.counts = torch.zeros(n_units * n_intervals, dtype=torch.int64)
         self.samples = Reservoirs(n_units * n_intervals, size, window, cofire, n_units)
 
     def widen(self, new_max: Tensor) -> None:
-        """Make n * width cover `new_max` [units], doubling widths (merging interval pairs) as needed."""
-        fresh = (self.width == 0) & (new_max > 0)
+        """Make base + n * width cover `new_max` [units], doubling widths (merging interval pairs) as needed."""
+        span = new_max - self.base
+        fresh = (self.width == 0) & (span > 0)
         if fresh.any():
-            self.width[fresh] = torch.exp2(torch.ceil(torch.log2(new_max[fresh] / self.n)))
+            self.width[fresh] = torch.exp2(torch.ceil(torch.log2(span[fresh] / self.n)))
         while True:
-            grow = ((self.width > 0) & (new_max > self.width * self.n)).nonzero().squeeze(1)
+            grow = ((self.width > 0) & (span > self.width * self.n)).nonzero().squeeze(1)
             if len(grow) == 0:
                 return
             self._merge_pairs(grow)
@@ -133,4 +137,4 @@ class IntervalSampler:
         counts[units] = torch.cat([merged_counts, torch.zeros_like(merged_counts)], dim=1)
 
     def bins(self, unit: Tensor, value: Tensor) -> Tensor:
-        return (value / self.width[unit]).floor_().long().clamp_(0, self.n - 1)
+        return ((value - self.base[unit]) / self.width[unit]).floor_().long().clamp_(0, self.n - 1)

@@ -42,17 +42,21 @@ class Window:
 
 
 class UnitAccumulator:
-    """Everything streamed for one kind of unit (SAE features, or MLP neurons)."""
+    """Everything streamed for one kind of unit (SAE features, or MLP neurons) over the tokens where a unit is on,
+    i.e. above its `threshold` (see `on_rule`): counts, sums, maxima, histogram, examples."""
 
-    def __init__(self, kind: Kind, n_units: int, cfg: AnalyzeConfig, window: Window, cofire: int,
+    def __init__(self, kind: Kind, threshold: Tensor, cfg: AnalyzeConfig, window: Window, cofire: int,
                  gen: torch.Generator) -> None:
+        n_units = len(threshold)
         self.kind, self.n, self.window, self.cofire, self.gen = kind, n_units, window, cofire, gen
+        self.threshold = threshold.float()
         self.count = torch.zeros(n_units, dtype=torch.int64)
         self.sum = torch.zeros(n_units, dtype=torch.float64)
         self.max = torch.zeros(n_units)
         self.hist = torch.zeros(n_units * HIST_BINS, dtype=torch.int64)
         self.top = Reservoirs(n_units, cfg.top_examples, window.width)
-        self.intervals = IntervalSampler(n_units, cfg.intervals, cfg.interval_examples, window.width, cofire)
+        self.intervals = IntervalSampler(n_units, cfg.intervals, cfg.interval_examples, window.width, cofire,
+                                         base=self.threshold)
 
     def _payload(self, f: Firings, first_seq: int, unit: Tensor, token: Tensor, value: Tensor,
                  cofire: int) -> dict[str, Tensor]:
@@ -79,7 +83,8 @@ class UnitAccumulator:
                                                                           self.cofire))
 
     def _update_top(self, f: Firings, first_seq: int) -> None:
-        """Offer each (sequence, unit)'s max token: one example per sequence keeps the top contexts distinct."""
+        """Offer each (sequence, unit)'s max token where the unit is on there: one example per sequence keeps the
+        top contexts distinct."""
         ctx, n = self.window.ctx, self.n
         n_seq = f.n_tokens // ctx
         if f.dense is not None:
@@ -90,7 +95,7 @@ class UnitAccumulator:
             best = torch.zeros(n_seq * n).scatter_reduce_(0, slot, f.value, "amax")
             winner = f.value == best[slot]
             arg = torch.zeros(n_seq * n, dtype=torch.int64).scatter_(0, slot[winner], (f.token % ctx)[winner])
-        live = (best > 0).nonzero().squeeze(1)
+        live = (best > self.threshold.repeat(n_seq)).nonzero().squeeze(1)
         unit = live % n
 
         def fill(i: Tensor) -> dict[str, Tensor]:

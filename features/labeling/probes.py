@@ -10,9 +10,11 @@ For one attribute (entities x units activations, one class per entity) this modu
 - ``k-sparse``: the same on `k` units, chosen round-robin over classes by each class's one-vs-rest standardised
   mean difference (so every class gets a unit before any class gets two).
 
-Selection uses the training split only; accuracy is on the held-out split. The split is deterministic and
-stratified: within each class, entities are ordered by sha256 of their name and the first ceil(test_fraction * n)
-are held out, so the same entity lands on the same side on every run and machine.
+Selection uses the training split only; accuracy is on the held-out split, with its 95% bootstrap interval over
+the held-out entities (`details["accuracy_ci"]`; `details["test_correct"]` keeps each held-out entity's outcome
+for intervals of means over attributes). The split is deterministic and stratified: within each class, entities
+are ordered by sha256 of their name and the first ceil(test_fraction * n) are held out, so the same entity lands
+on the same side on every run and machine.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from features.labeling.config import LabelConfig
+from features.labeling.significance import bootstrap_ci
 from features.store import Kind, Probe
 
 if TYPE_CHECKING:
@@ -90,10 +93,14 @@ def fit_logreg(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, steps: in
     return w.detach(), b.detach().squeeze(1)
 
 
+def _correct(x: Tensor, y: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """[G, N] whether each problem's fitted probe classifies each row of x [G, N, d] right."""
+    return (torch.bmm(x, w) + b[:, None]).argmax(-1) == y
+
+
 def _accuracy(x: Tensor, y: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """[G] accuracy of each problem's fitted probe on x [G, N, d]."""
-    pred = (torch.bmm(x, w) + b[:, None]).argmax(-1)
-    return (pred == y).float().mean(-1)
+    return _correct(x, y, w, b).float().mean(-1)
 
 
 def f_statistic(x: Tensor, y: Tensor, n_classes: int) -> Tensor:
@@ -148,6 +155,7 @@ class ProbeResult:
     train_accuracy: float
     units: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    test_correct: list[int] = field(default_factory=list)  # 1 / 0 per held-out entity
 
 
 def full_probe(x: Tensor, y: Tensor, split: Split, n_classes: int, l2: float = 1e-2,
@@ -157,8 +165,9 @@ def full_probe(x: Tensor, y: Tensor, split: Split, n_classes: int, l2: float = 1
     xtr, xte = _standardise(x[split.train], x[split.test])
     y_tr, y_te = y[split.train], y[split.test]
     w, b = fit_logreg(xtr[None], y_tr, n_classes, l2, steps)
-    return ProbeResult("full", float(_accuracy(xte[None], y_te, w, b)[0]), float(_accuracy(xtr[None], y_tr, w, b)[0]),
-                       details={"dims": x.shape[1]})
+    correct = _correct(xte[None], y_te, w, b)[0]
+    return ProbeResult("full", float(correct.float().mean()), float(_accuracy(xtr[None], y_tr, w, b)[0]),
+                       details={"dims": x.shape[1]}, test_correct=correct.int().tolist())
 
 
 def sparse_probes(x: Tensor, y: Tensor, split: Split, n_classes: int, k: int = 8, l2: float = 1e-2,
@@ -178,14 +187,16 @@ def sparse_probes(x: Tensor, y: Tensor, split: Split, n_classes: int, k: int = 8
     w, b = fit_logreg(xtr, y_tr, n_classes, l2, steps)
     tr_acc = _accuracy(xtr, y_tr, w, b)
     best = int(tr_acc.argmax())
-    te_acc = _accuracy(xte, y_te, w, b)
-    results = [ProbeResult("1-sparse", float(te_acc[best]), float(tr_acc[best]), [int(cand[best])],
-                           {"candidates": [int(c) for c in cand], "f_statistic": round(float(f.max()), 4)})]
+    te = _correct(xte, y_te, w, b)[best]
+    results = [ProbeResult("1-sparse", float(te.float().mean()), float(tr_acc[best]), [int(cand[best])],
+                           {"candidates": [int(c) for c in cand], "f_statistic": round(float(f.max()), 4)},
+                           te.int().tolist())]
     chosen = [int(live[i]) for i in select_k(xtr_all[:, live], y_tr, n_classes, k)]
     xtr, xte = xtr_all[:, chosen][None], xte_all[:, chosen][None]
     w, b = fit_logreg(xtr, y_tr, n_classes, l2, steps)
-    results.append(ProbeResult(f"{k}-sparse", float(_accuracy(xte, y_te, w, b)[0]),
-                               float(_accuracy(xtr, y_tr, w, b)[0]), chosen))
+    te = _correct(xte, y_te, w, b)[0]
+    results.append(ProbeResult(f"{k}-sparse", float(te.float().mean()), float(_accuracy(xtr, y_tr, w, b)[0]), chosen,
+                               test_correct=te.int().tolist()))
     return results
 
 
@@ -204,8 +215,10 @@ def attribute_probes(a: KnownAttribute, x_in: Tensor, units: dict[Kind, Tensor],
     common = {"values": [v for v, _ in rep.values]}
 
     def row(kind: Kind, res: ProbeResult, details: dict[str, Any]) -> Probe:
+        ci = bootstrap_ci(res.test_correct, seed=cfg.seed).as_list() if res.test_correct else None
         return Probe(kind, rep.entity_type, rep.attribute, res.method, res.accuracy, baseline, len(split.train),
-                     len(split.test), {**common, **res.details, "train_accuracy": res.train_accuracy, **details})
+                     len(split.test), {**common, **res.details, "train_accuracy": res.train_accuracy,
+                                       "accuracy_ci": ci, "test_correct": res.test_correct, **details})
 
     full = full_probe(x_in[a.rows], a.labels, split, n_classes, l2=cfg.probe_l2, steps=cfg.probe_steps)
     out = [row("feature", full, {"input": "the SAE's input hook (shared by both kinds)"})]

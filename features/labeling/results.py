@@ -8,7 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from torch import Tensor
+
 from features.store import Kind, Probe, Tag
+
+
+class UnitOn(NamedTuple):
+    """One kind's units as the labeler judges them, in index order [U]: firing frequency, mean activation when on,
+    and the on threshold (features/analyze/on_rule.py), from the feature store or, without one, the labeler's own
+    entity prompts under the same rule."""
+
+    freq: Tensor
+    mean_act: Tensor
+    threshold: Tensor
 
 
 @dataclass
@@ -26,6 +38,7 @@ class AttributeReport:
     collisions: list[list[str]] = field(default_factory=list)  # values sharing an answer's first token
     skipped: str | None = None
     n_tags: dict[str, int] = field(default_factory=dict)
+    n_tags_ci: dict[str, list[float]] = field(default_factory=dict)  # kind -> 95% bootstrap CI over entities
     best: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # kind -> best unit per value
 
     @property
@@ -35,7 +48,8 @@ class AttributeReport:
 
 @dataclass
 class CausalResult:
-    """One tag's ablation (and, for features, steering) check against random co-active controls."""
+    """One tag's ablation (and, for features, steering) test over prompts against frequency-matched random units
+    of the same kind (see `causal`)."""
 
     kind: Kind
     index: int
@@ -44,8 +58,13 @@ class CausalResult:
     value: str
     n_prompts: int
     drop: float | None = None  # mean drop in the correct answer's log-prob when the unit is removed (nats)
-    control_drops: list[float] = field(default_factory=list)
-    z: float | None = None
+    control_drops: list[float] = field(default_factory=list)  # per control unit, its mean drop over the prompts
+    control_mean: float | None = None  # mean over prompts of the controls' mean drop
+    diffs: list[float] = field(default_factory=list)  # per prompt: the unit's drop - the controls' mean drop
+    effect: float | None = None  # mean of diffs (nats)
+    effect_ci: list[float] | None = None  # its 95% bootstrap interval over prompts
+    p: float | None = None  # one-sided sign-flip p-value of mean diff > 0
+    p_holm: float | None = None  # ... Holm-corrected across every tag tested
     status: str = "not tested"
     reason: str = ""
     steer_value: str | None = None  # the other value steered towards
@@ -63,6 +82,8 @@ class LabelResult:
     causal: list[CausalResult]
     settings: dict[str, Any]
     timings: dict[str, float]
+    # 95% bootstrap CIs over entities of the per-kind totals: {"tags": {kind: [lo, hi]}, "attributes_tagged": ...}
+    cis: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # the activations the scores came from, for callers that study them: per entity type {"names", "input",
     # "feature", "neuron"} and per attribute {"entity_type", "rows" (into the type's names), "labels", "values"}
     data: dict[str, Any] = field(default_factory=dict)

@@ -8,8 +8,11 @@ that rules can compute for any token of the analysed text:
   of English closed-class words), capitalised word, word piece (continues the previous token's word), and, for
   lower-case words, the suffix classes -ing, -ed, -ly, -tion, -er, -s;
 - ``wn:<lexname>``: the WordNet lexicographer file of the word's most frequent sense, per part of speech
-  (noun.person, noun.location, verb.motion, ...), when WordNet's database is installed locally
-  (`/usr/share/wordnet`, Debian's wordnet-base; never downloaded); the report says whether it was used;
+  (noun.person, noun.location, verb.motion, ...), and ``wn:<lemma>.<n|v>``: every hypernym of the most frequent
+  noun and verb sense (rooster -> ... -> wn:bird.n -> wn:vertebrate.n -> ... -> wn:entity.n), so a unit on
+  "rooster, hawks, fowl, bird" has the concept bird; from WordNet's database installed locally
+  (`/usr/share/wordnet`, Debian's wordnet-base, which scripts/ensure_wordnet.sh installs; never downloaded); the
+  report says whether it was used;
 - ``entity:<type>`` and ``<type>.<attribute>=<value>``: the token is part of a mention of a known entity of the
   labeler's entity sets (e.g. "country.continent=Africa" on every token of " Kenya").
 
@@ -18,8 +21,10 @@ for a unit and a concept c,
 
     P(c | fires)   the share of the unit's activation mass on tokens with concept c, estimated from the
                    analysis pass's *interval* examples -- uniform samples from equal-width intervals spanning
-                   the unit's whole activation range, each example weighted by its interval's firing count / its
-                   number of examples x its activation, so weak, frequent firings count as much as they occur;
+                   the unit's whole activation range above its on threshold t (features/analyze/on_rule.py: 0
+                   for features, a quantile matched to the features' firing rate for neurons), each example
+                   weighted by its interval's firing count / its number of examples x its activation above t,
+                   so weak, frequent firings count as much as they occur and both kinds are judged alike;
     P(c)           the concept's share of all analysed tokens (the base rate);
     LLR(c)         log P(c | fires) / P(c): how much more often c appears when the unit fires.
 
@@ -38,7 +43,8 @@ how much of the unit one specific concept surely explains. Classes (the store's 
 
 `concepts` holds the unit's best concepts: [{"concept", "p", "p_low", "base", "llr"}, ...], specific ones first.
 The same score computed on the top examples only (`top_score`) is reported alongside, since a unit can be clean at
-its top and diffuse below -- the reason the whole range is used for the class.
+its top and diffuse below -- the reason the whole range is used for the class. The monosemantic share (among
+units that are not dead) carries a 95% bootstrap interval over units (`significance.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from features.labeling.entities import EntitySet
+from features.labeling.significance import bootstrap_ci
 from features.store import KINDS, FeatureStore, Kind, Semantics
 
 MIN_FIRES = 10
@@ -118,8 +125,9 @@ def lexical_classes(token: str, prev: str | None) -> list[str]:
 
 
 class WordNet:
-    """Lexicographer-file names of a word's most frequent sense per part of speech, read from a local WordNet
-    3.0 database (index.* and data.*); `None` from `find()` when none is installed."""
+    """Lexicographer-file names of a word's most frequent sense per part of speech, and the hypernyms of its most
+    frequent noun and verb sense, read from a local WordNet 3.0 database (index.* and data.*); `None` from
+    `find()` when none is installed."""
 
     POS = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
     RULES = {"noun": [("s", ""), ("ses", "s"), ("xes", "x"), ("ches", "ch"), ("shes", "sh"), ("ies", "y")],
@@ -180,7 +188,32 @@ class WordNet:
                     return base
         return None
 
+    def _synset(self, pos: str, offset: int) -> list[bytes]:
+        """The fields of one data.<pos> line: offset, lexfile number, type, word count (hex), words, pointers."""
+        fh = self.data[pos]
+        fh.seek(offset)
+        return fh.readline().split()
+
+    def _ancestry(self, pos: str, offset: int) -> list[str]:
+        """`wn:<first lemma>.<n|v>` of the synset at `offset` and of every synset above it (hypernyms and instance
+        hypernyms, along all paths)."""
+        out: list[str] = []
+        seen = {offset}
+        todo = [offset]
+        while todo:
+            fields = self._synset(pos, todo.pop())
+            out.append(f"wn:{fields[4].decode(errors='replace').lower()}.{self.POS[pos]}")
+            at = 4 + 2 * int(fields[3], 16)
+            for i in range(int(fields[at])):
+                symbol, target, target_pos = fields[at + 1 + 4 * i: at + 4 + 4 * i]
+                if symbol in (b"@", b"@i") and target_pos == self.POS[pos].encode() and int(target) not in seen:
+                    seen.add(int(target))
+                    todo.append(int(target))
+        return out
+
     def lexnames(self, word: str) -> list[str]:
+        """The word's WordNet concepts: lexnames of its most frequent sense per part of speech, and the hypernyms
+        of its most frequent noun and verb sense."""
         word = word.lower()
         if word in self._cache:
             return self._cache[word]
@@ -189,14 +222,14 @@ class WordNet:
             lemma = self._lemma(word, pos)
             if lemma is None:
                 continue
-            fh = self.data[pos]
-            fh.seek(self.first[pos][lemma])
-            fields = fh.readline().split()
-            filenum = int(fields[1])
+            offset = self.first[pos][lemma]
+            filenum = int(self._synset(pos, offset)[1])
             if 0 <= filenum < len(LEXNAMES):
                 out.append("wn:" + LEXNAMES[filenum])
-        self._cache[word] = out
-        return out
+            if pos in ("noun", "verb"):
+                out += self._ancestry(pos, offset)
+        self._cache[word] = list(dict.fromkeys(out))
+        return self._cache[word]
 
 
 def entity_index(entity_sets: Iterable[EntitySet], encode: Callable[[str], list[int]]) -> dict[tuple[int, ...],
@@ -302,8 +335,9 @@ def _score(concepts: list[dict[str, Any]]) -> float:
 
 
 def unit_semantics(kind: Kind, index: int, n_fires: int, intervals: list[Any], top: list[Any],
-                   concepts: Concepts) -> UnitSemantics:
-    """Score one unit from its interval examples (whole range) and top examples (store `Interval`/`Example`s)."""
+                   concepts: Concepts, threshold: float = 0.0) -> UnitSemantics:
+    """Score one unit from its interval examples (whole range) and top examples (store `Interval`/`Example`s),
+    each weighted by its activation above the unit's on `threshold` (the store's; 0 for features)."""
     floor = 1.0 / concepts.n_tokens
     weighted = []
     for iv in intervals:
@@ -311,13 +345,13 @@ def unit_semantics(kind: Kind, index: int, n_fires: int, intervals: list[Any], t
             continue
         per = iv.count / len(iv.examples)
         for e in iv.examples:
-            weighted.append((concepts.of(e.seq, e.pos), per * max(float(e.value), 0.0)))
+            weighted.append((concepts.of(e.seq, e.pos), per * max(float(e.value) - threshold, 0.0)))
     if n_fires < MIN_FIRES or len(weighted) < MIN_EXAMPLES:
         why = f"too rare: {n_fires} firings, {len(weighted)} interval examples"
         return UnitSemantics(kind, index, None, "dead", [{"concept": why}], None, len(weighted))
     ranked = concept_scores(weighted, concepts.base, floor)
     score = _score(ranked)
-    top_ranked = concept_scores([(concepts.of(e.seq, e.pos), max(float(e.value), 0.0)) for e in top],
+    top_ranked = concept_scores([(concepts.of(e.seq, e.pos), max(float(e.value) - threshold, 0.0)) for e in top],
                                 concepts.base, floor)
     cls = "monosemantic" if score >= MONO_THRESHOLD else "polysemantic"
     return UnitSemantics(kind, index, round(score, 4), cls, ranked[:N_CONCEPTS],
@@ -340,18 +374,20 @@ def score_store(store: FeatureStore, entity_sets: list[EntitySet], encode: Calla
         n = store.n_units(kind)
         for i in range(n):
             u = store.unit(kind, i)
-            rows.append(unit_semantics(kind, i, u.n_fires, u.intervals, u.top_examples, concepts))
+            rows.append(unit_semantics(kind, i, u.n_fires, u.intervals, u.top_examples, concepts, u.threshold))
         if n:
             log(f"semantics: {n} {kind}s scored")
     summary = summarise(rows)
     summary["wordnet"] = str(wn.folder) if wn is not None else None
+    summary["on_rule"] = store.meta.get("analysis", {}).get("on_rule")
     summary["entity_concepts"] = ents is not None
     summary["n_tokens"] = concepts.n_tokens
     return rows, summary
 
 
 def summarise(rows: list[UnitSemantics]) -> dict[str, Any]:
-    """Per kind: counts per class, the monosemantic share among units that are not dead, mean scores."""
+    """Per kind: counts per class, the monosemantic share among units that are not dead (with its 95% bootstrap
+    interval over those units), mean scores."""
     out: dict[str, Any] = {"thresholds": {"min_fires": MIN_FIRES, "min_examples": MIN_EXAMPLES,
                                           "min_enrichment": MIN_ENRICHMENT, "mono_threshold": MONO_THRESHOLD}}
     for kind in KINDS:
@@ -365,6 +401,8 @@ def summarise(rows: list[UnitSemantics]) -> dict[str, Any]:
                            if r.cls == "monosemantic" and r.concepts)
         out[kind] = {"n": len(rs), "classes": dict(counts),
                      "mono_share": counts["monosemantic"] / len(alive) if alive else None,
+                     "mono_share_ci": bootstrap_ci([r.cls == "monosemantic" for r in alive]).as_list()
+                     if alive else None,
                      "mean_score": sum(r.score or 0 for r in alive) / len(alive) if alive else None,
                      "mono_share_top": sum(t >= MONO_THRESHOLD for t in top) / len(top) if top else None,
                      "scores": [r.score for r in alive], "mono_concept_kinds": dict(kinds_of)}

@@ -28,6 +28,7 @@ from features.store.records import (
     Tag,
     Unit,
     UnitRecord,
+    UnitStats,
     UnitSummary,
     check_kind,
 )
@@ -37,5 +38,5 @@ from features.store.writer import write_store
 __all__ = ["ALL_UNITS", "EXAMPLE_LAYOUT", "KINDS", "LABELER_TABLES", "ORDER_COLUMNS", "SCHEMA_VERSION", "STATUSES",
            "STORE_FORMAT", "TABLE_DOCS", "Example", "Explanation", "FeatureStore", "Interval", "IntervalRecord",
            "Kind", "LogitRecord", "Probe", "Related", "Semantics", "SequenceRecord", "Status", "StoredExample", "Tag",
-           "Unit", "UnitQuery", "UnitRecord", "UnitSummary", "check_kind", "density_note", "read_fingerprint",
-           "write_store"]
+           "Unit", "UnitQuery", "UnitRecord", "UnitStats", "UnitSummary", "check_kind", "density_note",
+           "read_fingerprint", "write_store"]

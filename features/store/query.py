@@ -20,7 +20,7 @@ ORDER_COLUMNS = {"idx": "u.idx", "freq": "u.freq", "max_act": "u.max_act", "mean
 SUMMARY_SQL = """SELECT u.kind, u.idx, u.status, u.n_fires, u.freq, u.mean_act, u.max_act, u.top_tokens,
     u.pos_tokens,
     (SELECT e.text FROM explanations e WHERE e.kind = u.kind AND e.idx = u.idx ORDER BY e.score DESC LIMIT 1),
-    s.class, s.score
+    s.class, s.score, u.threshold
 FROM units u LEFT JOIN semantics s ON s.kind = u.kind AND s.idx = u.idx"""
 COUNT_SQL = "SELECT COUNT(*) FROM units u LEFT JOIN semantics s ON s.kind = u.kind AND s.idx = u.idx"
 

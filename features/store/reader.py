@@ -26,6 +26,7 @@ from features.store.records import (
     Semantics,
     Tag,
     Unit,
+    UnitStats,
     UnitSummary,
     check_kind,
 )
@@ -41,7 +42,7 @@ def _split(text: str) -> list[str]:
 
 def _summary(row: Sequence[Any]) -> UnitSummary:
     return UnitSummary(row[0], row[1], row[2], row[3], row[4], row[5], row[6], _split(row[7]), _split(row[8]),
-                       row[9], row[10], row[11])
+                       row[9], row[10], row[11], row[12])
 
 
 def _pairs(text: str | None) -> list[tuple[int, float]]:
@@ -49,10 +50,11 @@ def _pairs(text: str | None) -> list[tuple[int, float]]:
 
 
 def density_note(counts: dict[str, int]) -> str:
-    """Why a kind's counts read "all dense", or "": gated MLP neurons are > 0 on a large share of tokens, so
-    "fires" (activation > 0) says little about them; their monosemanticity is the comparison that does."""
+    """What a kind's counts reading "all dense" means, or "": every unit is on (above its threshold) for more than
+    the dense share of tokens, so its firing says little and its monosemanticity is the comparison that does.
+    With the on rule (features/analyze/on_rule.py) neurons are never all dense; an SAE's features can be."""
     if counts.get("total") and counts.get("dense") == counts["total"]:
-        return ("all count as dense: gated MLP neurons are > 0 on a large share of tokens, so judge them by "
+        return ("all count as dense: every unit is on for more than the dense share of tokens, so judge them by "
                 "monosemanticity")
     return ""
 
@@ -209,17 +211,29 @@ class FeatureStore:
 
     def unit_table(self, kind: Kind = "feature") -> dict[str, list[Any]]:
         """Every unit of a kind as columns (idx, status, n_fires, freq, mean_act, max_act, top_tokens, semantic
-        class and score, tag count, best tag f1), in index order: one query for plots and table exports."""
+        class and score, tag count, best tag f1, on threshold), in index order: one query for plots and exports."""
         cols = ["idx", "status", "n_fires", "freq", "mean_act", "max_act", "top_tokens", "semantic_class",
-                "semantic_score", "n_tags", "best_f1"]
+                "semantic_score", "n_tags", "best_f1", "threshold"]
         rows = self.con.execute(
             "SELECT u.idx, u.status, u.n_fires, u.freq, u.mean_act, u.max_act, u.top_tokens, s.class, s.score, "
-            "t.n, t.f1 FROM units u LEFT JOIN semantics s ON s.kind = u.kind AND s.idx = u.idx "
+            "t.n, t.f1, u.threshold FROM units u LEFT JOIN semantics s ON s.kind = u.kind AND s.idx = u.idx "
             "LEFT JOIN (SELECT idx, COUNT(*) AS n, MAX(f1) AS f1 FROM tags WHERE kind = ?1 GROUP BY idx) t "
             "ON t.idx = u.idx WHERE u.kind = ?1 ORDER BY u.idx", (check_kind(kind),)).fetchall()
         out = {c: list(v) for c, v in zip(cols, zip(*rows, strict=True), strict=True)} if rows else \
             {c: [] for c in cols}
         out["n_tags"] = [n or 0 for n in out["n_tags"]]
+        return out
+
+    def unit_stats(self) -> dict[Kind, UnitStats]:
+        """Per kind in the store: every unit's firing frequency, mean activation when on and on threshold, in index
+        order (what the labeler needs to apply the same on rule and to match random controls)."""
+        out: dict[Kind, UnitStats] = {}
+        for kind in KINDS:
+            rows = self.con.execute("SELECT freq, mean_act, threshold FROM units WHERE kind = ? ORDER BY idx",
+                                    (kind,)).fetchall()
+            if rows:
+                freq, mean_act, threshold = (list(c) for c in zip(*rows, strict=True))
+                out[kind] = UnitStats(freq, mean_act, threshold)
         return out
 
     def summaries(self, kind: Kind, indices: Iterable[int]) -> dict[int, UnitSummary]:
@@ -267,9 +281,10 @@ class FeatureStore:
         """Store the labeler's tags (replace: drop every existing tag first). Returns how many were written."""
         tags = list(tags)
         self._check_rows(tags)
-        return self._write("INSERT INTO tags VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        return self._write("INSERT INTO tags VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            ((t.kind, int(t.index), t.entity_type, t.attribute, t.value, t.precision, t.recall, t.f1,
-                             t.auroc, t.support, json.dumps(list(t.entities)), t.causal_effect, t.causal_status)
+                             t.auroc, t.support, json.dumps(list(t.entities)), t.causal_effect, t.causal_status,
+                             t.causal_p, *(t.causal_ci if t.causal_ci is not None else (None, None)))
                             for t in tags), "DELETE FROM tags" if replace else None)
 
     def tags_for(self, kind: Kind, index: int) -> list[Tag]:
@@ -290,7 +305,8 @@ class FeatureStore:
             args.append(min_f1)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         sql = f"SELECT * FROM tags{where} ORDER BY f1 DESC NULLS LAST, kind, idx LIMIT ?"
-        return [Tag(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], json.loads(r[10]), r[11], r[12])
+        return [Tag(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], json.loads(r[10]), r[11], r[12],
+                    r[13], None if r[14] is None else (r[14], r[15]))
                 for r in self.con.execute(sql, (*args, -1 if limit is None else int(limit)))]
 
     def write_semantics(self, rows: Iterable[Semantics], replace: bool = False) -> int:

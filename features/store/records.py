@@ -64,6 +64,7 @@ class UnitRecord:
     freq: float
     mean_act: float  # over firing tokens
     max_act: float
+    threshold: float  # the unit is on (fires) where its activation exceeds this (features/analyze/on_rule.py)
     top_tokens: list[str]  # searchable text: the example tokens of the top contexts
     pos_tokens: list[str]  # ... and the top promoted output tokens
     hist: tuple[int, list[int]]  # (first bin, counts) over the store's meta.analysis.hist_edges
@@ -74,6 +75,16 @@ class UnitRecord:
     neighbours: Related | None = None
     correlated: Related | None = None  # units of the other kind
     aligned: Related | None = None  # features: neurons by cosine with W_out
+
+
+@dataclass(frozen=True)
+class UnitStats:
+    """Per unit of one kind, in index order: what the labeler needs of the analysis pass to apply the same "on"
+    rule and to match random controls (firing frequency, mean activation when on, on threshold)."""
+
+    freq: list[float]
+    mean_act: list[float]
+    threshold: list[float]
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,7 @@ class UnitSummary:
     explanation: str | None
     semantic_class: str | None
     semantic_score: float | None
+    threshold: float  # on (firing) = activation above this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +162,10 @@ class Tag:
     auroc: float | None = None
     support: int | None = None
     entities: list[str] = field(default_factory=list)
-    causal_effect: float | None = None
+    causal_effect: float | None = None  # nats: mean over prompts of (unit's ablation drop - controls' mean drop)
     causal_status: str | None = None
+    causal_p: float | None = None  # Holm-corrected p-value of the sign-flip test over prompts
+    causal_ci: tuple[float, float] | None = None  # 95% bootstrap interval of causal_effect
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,19 @@ Schema (version `SCHEMA_VERSION`, in `PRAGMA user_version` and `meta.schema_vers
 
 - `meta(key, value)`: JSON values: format, schema_version, SAE cfg.json, eval metrics, run config, analysis
   settings (hooks, histogram edges, what "firing" and the logit effect mean), fingerprint, sizes.
-- `units(kind, idx, status, n_fires, freq, mean_act, max_act, top_tokens, pos_tokens)`: one slim row per
-  unit for lists and filters; `kind` is 'feature' or 'neuron'; status 'live' | 'dead' | 'dense'.
+- `units(kind, idx, status, n_fires, freq, mean_act, max_act, threshold, top_tokens, pos_tokens)`: one slim row
+  per unit for lists and filters; `kind` is 'feature' or 'neuron'; status 'live' | 'dead' | 'dense'. Firing
+  means "on": above the unit's `threshold` (`meta.analysis.on_rule`, features/analyze/on_rule.py).
 - `unit_details(kind, idx, hist, top_examples, intervals, logits, neighbours, cofiring, correlated, aligned)`:
   JSON per unit for its page. An example is `[seq, pos, value, start, [acts]]`: the activations at tokens
   start.. of sequence `seq` (see `sequences`), the example token at `pos`.
 - `sequences(seq, split, split_index, tokens)`: the analysed token ids (JSON); `vocab(id, token)`: strings.
-- Written by the labeler, created empty by the writer: `tags`, `semantics`, `probes`, `explanations`.
+- Written by the labeler, created empty by the writer: `tags` (with the causal test's effect, Holm-corrected
+  p-value and 95% CI), `semantics`, `probes`, `explanations`.
+
+Version 2 added `units.threshold` (the one "on" rule for features and neurons) and `tags.causal_p`,
+`causal_lo`, `causal_hi`. A version-1 store cannot be migrated in place (its neuron statistics were counted with
+"> 0"), so it is refused with the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 
 from sae.errors import SaekitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_FORMAT = "saekit-feature-store"
 EXAMPLE_LAYOUT = ["seq", "pos", "value", "start", "acts"]
 LABELER_TABLES = ("tags", "semantics", "probes", "explanations")
@@ -38,6 +44,7 @@ CREATE TABLE units (
     freq REAL NOT NULL,
     mean_act REAL NOT NULL,
     max_act REAL NOT NULL,
+    threshold REAL NOT NULL,
     top_tokens TEXT NOT NULL,
     pos_tokens TEXT NOT NULL,
     PRIMARY KEY (kind, idx)
@@ -68,7 +75,10 @@ CREATE TABLE tags (
     support INTEGER,
     entities TEXT NOT NULL DEFAULT '[]',
     causal_effect REAL,
-    causal_status TEXT
+    causal_status TEXT,
+    causal_p REAL,
+    causal_lo REAL,
+    causal_hi REAL
 );
 CREATE TABLE semantics (
     kind TEXT NOT NULL CHECK (kind IN ('feature', 'neuron')),
@@ -114,7 +124,8 @@ TABLE_DOCS = {
     "meta": "key -> JSON value: format, schema_version, sae (cfg.json), eval (eval.json), run_config, analysis "
             "(hooks, hist_edges, window, what firing / logit effect / co-firing mean), fingerprint",
     "units": "one row per unit (kind 'feature' | 'neuron', idx): status live/dead/dense, n_fires, freq, mean_act "
-             "(over firing tokens), max_act, top_tokens and pos_tokens (' | '-joined, for search)",
+             "(over firing tokens), max_act, threshold (firing = activation > threshold; meta.analysis.on_rule), "
+             "top_tokens and pos_tokens (' | '-joined, for search)",
     "unit_details": "JSON per unit: hist [first_bin, counts] over meta.analysis.hist_edges; top_examples and "
                     "intervals[].examples as [seq, pos, value, start, acts] (acts at tokens start.. of "
                     "sequences.seq); logits {pos, neg: [[token_id, token, value]], hist: [min, max, counts]}; "
@@ -122,7 +133,9 @@ TABLE_DOCS = {
     "sequences": "seq -> JSON token ids of each analysed sequence, with its split and index in the split",
     "vocab": "token id -> text",
     "tags": "labeler: unit encodes entity_type.attribute = value, with precision/recall/f1/auroc/support, the "
-            "entities (JSON) and a causal check",
+            "entities (JSON) and a causal check: causal_effect (mean over prompts of the unit's ablation drop minus "
+            "matched random units', nats), causal_p (sign-flip test, Holm-corrected over every tag tested), "
+            "causal_lo / causal_hi (its 95% bootstrap CI), causal_status",
     "semantics": "labeler: per unit a score and class monosemantic / polysemantic / dead, concepts (JSON)",
     "probes": "labeler: probe accuracy per (kind, entity_type, attribute, method), details (JSON)",
     "explanations": "labeler: text explanations per unit with a score and their source",

@@ -40,8 +40,8 @@ def _unit_rows(r: UnitRecord) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
                                                       "hist": list(r.logits.hist)})
     intervals = [{"min": iv.min, "max": iv.max, "count": iv.count, "share": iv.share, "examples": iv.examples}
                  for iv in r.intervals]
-    return ((r.kind, r.index, r.status, r.n_fires, r.freq, r.mean_act, r.max_act, " | ".join(r.top_tokens),
-             " | ".join(r.pos_tokens)),
+    return ((r.kind, r.index, r.status, r.n_fires, r.freq, r.mean_act, r.max_act, r.threshold,
+             " | ".join(r.top_tokens), " | ".join(r.pos_tokens)),
             (r.kind, r.index, _compact(r.hist), _compact(r.top_examples), _compact(intervals), logits,
              _related(r.neighbours), _compact(r.cofiring), _related(r.correlated), _related(r.aligned)))
 
@@ -52,7 +52,7 @@ def _insert_units(con: sqlite3.Connection, units: Iterable[UnitRecord]) -> dict[
     chunk: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
 
     def flush() -> None:
-        con.executemany("INSERT INTO units VALUES (?,?,?,?,?,?,?,?,?)", (r[0] for r in chunk))
+        con.executemany("INSERT INTO units VALUES (?,?,?,?,?,?,?,?,?,?)", (r[0] for r in chunk))
         con.executemany("INSERT INTO unit_details VALUES (?,?,?,?,?,?,?,?,?,?)", (r[1] for r in chunk))
         chunk.clear()
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from sae.errors import SaekitError
+from sae.saes import kernels
 from sae.saes.base import DTYPES, Provenance, SAEShape, register
 from sae.saes.topk import TopKConfig, TopKSAE
 
@@ -37,15 +38,18 @@ class BatchTopKSAE(TopKSAE):
         return pre.relu() * (pre > self.threshold)
 
     def _train_acts_dense(self, pre: Tensor) -> Tensor:
-        flat = pre.flatten()
-        vals, idx = flat.topk(self.hyper.k * pre.shape[0], sorted=False)
-        return torch.zeros_like(flat).scatter(0, idx, vals.relu()).view_as(pre)
+        """The same selection as the sparse kernels (global under `kernels.global_batch`), as a dense tensor."""
+        crow, cols = kernels.batchtopk_pattern(pre.detach(), self.hyper.k)
+        rows = torch.repeat_interleave(torch.arange(pre.shape[0], device=pre.device), crow.diff())
+        return torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
 
     @torch.no_grad()
     def _after_selection(self, fired_values: Tensor) -> None:
-        if fired_values.numel() == 0:
+        """EMA of the smallest kept activation of the (global) batch; every process must call it."""
+        smallest = kernels.global_min(fired_values)
+        if smallest is None:
             return
-        smallest = fired_values.min().to(self.threshold.dtype)
+        smallest = smallest.to(self.threshold.dtype)
         current = self.threshold[0]
         ema = self.hyper.threshold_ema
         new = smallest if current == 0 else (1 - ema) * current + ema * smallest

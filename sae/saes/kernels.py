@@ -18,7 +18,10 @@ import functools
 import math
 import time
 import warnings
-from typing import NamedTuple
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -67,32 +70,106 @@ def topk_pattern(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return crow, cols.flatten()
 
 
-def batchtopk_pattern(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The n*k largest pre-activations of the whole batch as (crow, cols), exactly.
+class BatchGroup(Protocol):
+    """Collectives over the processes that each hold an equal slice of one global batch, in rank order
+    (`sae.distributed.GlobalBatch` implements them for torchrun)."""
+
+    rank: int
+    world: int
+
+    def all_min(self, t: Tensor) -> Tensor: ...  # in place over every process; returns t
+    def all_sum(self, t: Tensor) -> Tensor: ...
+    def gather(self, t: Tensor) -> list[Tensor]: ...  # every process's 1-D tensor (sizes may differ), rank order
+
+
+_GROUP: ContextVar[BatchGroup | None] = ContextVar("saekit_batch_group", default=None)
+
+
+@contextmanager
+def global_batch(group: BatchGroup | None) -> Iterator[None]:
+    """While open, BatchTopK selections and threshold updates are made against the global batch spread over
+    `group`'s processes, so N processes select what one would (None: this process's batch is the batch).
+    A context rather than an argument, so every BatchTopK-derived architecture gets it without new plumbing."""
+    token = _GROUP.set(group)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
+
+
+def batch_group() -> BatchGroup | None:
+    return _GROUP.get()
+
+
+def _all_sum(value: int, group: BatchGroup | None, device: torch.device) -> int:
+    if group is None:
+        return value
+    return int(group.all_sum(torch.tensor([value], device=device)).item())
+
+
+def _candidates(pre: Tensor, k: int, group: BatchGroup | None) -> Tensor:
+    """Increasing indices into `pre.flatten()` holding every value of this process that is among the global
+    batch's k*n largest.
 
     A flat top-k over n x d_sae values is slow on CPU. Instead a few hundred rows estimate a value a
-    little below the batch's (n*k)-th largest; one pass keeps everything at or above it, and the top
-    n*k of those survivors is exact whenever there are at least n*k of them (checked). A batch too
-    uneven for the estimate falls back to the flat top-k.
+    little below the (k*n)-th largest; one pass keeps everything at or above the smallest estimate of
+    any process, which holds the global top k*n whenever at least k*n values survive over all processes
+    (checked). A batch too uneven for the estimate falls back to each process's flat top k*n.
+    """
+    n = pre.shape[0]
+    flat = pre.reshape(-1)
+    total = k * n * (group.world if group else 1)
+    sample = pre[:: max(n // 256, 1)].reshape(-1)
+    for margin in (1.25, 2.0):
+        want = min(math.ceil(margin * k * n * sample.numel() / flat.numel()), sample.numel())
+        floor = sample.topk(want, sorted=False).values.min()
+        if group is not None:  # exact back in pre's dtype: the minimum is one of the processes' values
+            floor = group.all_min(floor.float().reshape(1))[0].to(pre.dtype)
+        survivors = (flat >= floor).nonzero().squeeze(1)
+        if _all_sum(survivors.numel(), group, pre.device) >= total:
+            if group is not None and survivors.numel() > total:  # a smaller gather: only this process's top
+                vals = flat[survivors]  # `total` (and values tied with them) can be in the global top
+                survivors = survivors[vals >= vals.topk(total, sorted=False).values.min()]
+            return survivors
+    return (flat >= flat.topk(min(total, flat.numel()), sorted=False).values.min()).nonzero().squeeze(1)
+
+
+def batchtopk_pattern(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k*n largest pre-activations of the batch as (crow, cols), exactly; under `global_batch` the k*n*N
+    largest of the global batch over N processes, each returning its own rows' share.
+
+    The cut is the (k*n)-th largest value; values above it are kept and values equal to it are taken in
+    global row-major order until k*n are chosen, so a process's selection does not depend on how the
+    batch is split (bf16 pre-activations tie often).
     """
     n, d_sae = pre.shape
-    total = n * k
-    flat = pre.reshape(-1)
-    sample = pre[:: max(n // 256, 1)].reshape(-1)
-    keys = None
-    for margin in (1.25, 2.0):
-        floor = sample.topk(min(math.ceil(margin * total * sample.numel() / flat.numel()), sample.numel()),
-                            sorted=False).values.min()
-        survivors = (flat >= floor).nonzero().squeeze(1)
-        if survivors.numel() >= total:
-            keys = survivors[flat[survivors].topk(total, sorted=False).indices]
-            break
-    if keys is None:
-        keys = flat.topk(total, sorted=False).indices
-    keys = keys.sort().values
+    group = batch_group()
+    total = k * n * (group.world if group else 1)
+    cand = _candidates(pre, k, group)
+    vals = pre.reshape(-1)[cand]
+    pool = vals if group is None else torch.cat(group.gather(vals.float()))
+    cut = pool.topk(total, sorted=False).values.min().to(pre.dtype)
+    above, tied = vals > cut, vals == cut
+    n_above, n_tied = int(above.sum()), int(tied.sum())
+    all_above, ties_before = n_above, 0
+    if group is not None:
+        per_rank = torch.stack(group.gather(torch.tensor([n_above, n_tied], device=pre.device)))
+        all_above, ties_before = int(per_rank[:, 0].sum()), int(per_rank[:group.rank, 1].sum())
+    take = max(0, min(total - all_above - ties_before, n_tied))
+    keys = torch.cat([cand[above], cand[tied][:take]]).sort().values
     crow = torch.zeros(n + 1, dtype=torch.long, device=pre.device)
     crow[1:] = torch.bincount(torch.div(keys, d_sae, rounding_mode="floor"), minlength=n).cumsum(0)
     return crow, keys % d_sae
+
+
+def global_min(values: Tensor) -> Tensor | None:
+    """The smallest of `values` over the global batch (every process must call it), or None when empty."""
+    smallest = values.min().float().reshape(1) if values.numel() else values.new_full((1,), math.inf,
+                                                                                     dtype=torch.float32)
+    group = batch_group()
+    if group is not None:
+        smallest = group.all_min(smallest)
+    return None if torch.isinf(smallest).item() else smallest[0]
 
 
 class _SparseEncode(torch.autograd.Function):
