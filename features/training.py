@@ -50,7 +50,7 @@ def train_from_model(cfg: RunConfig, model: HookedTransformer, tokens: Tensor, b
     rank, world = dist_info()
     hooks = spec_hooks(cfg.train.saes)
     spec = BufferSpec(cfg.train.batch_size, buffer_tokens, cfg.cache.batch_size, cfg.train.seed, streams or world)
-    source = ModelBatches(model, tokens, hooks, spec, rank, world)
+    source = ModelBatches(model, tokens, hooks, spec, rank, world, cfg.train.total_tokens // cfg.train.batch_size)
     data = _Data(hooks, source.sample(), source, source.data, model.cfg.model_name, tokens.shape[1])
     return _train_and_export(cfg, data, resume, overwrite, progress)
 

@@ -28,6 +28,7 @@ import functools
 import itertools
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -184,12 +185,15 @@ class ModelBatches:
     a checkpoint must record so that a resume with other tokens, hooks or buffer settings is refused."""
 
     def __init__(self, model: HookedTransformer, tokens: Tensor, hooks: list[str], spec: BufferSpec,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, total_batches: int | None = None) -> None:
+        """`total_batches`: the batches training will take; no window past them is forwarded (the stream
+        ends there), so the overlap does not cost forward passes nobody trains on."""
         validate_hooks(model, hooks)
         if spec.streams % world:
             raise SaekitError(f"{spec.streams} buffer streams cannot be split over {world} processes; use a "
                               "multiple of the number of processes")
         self.model, self.tokens, self.hooks, self.spec = model, tokens, hooks, spec
+        self.end = sys.maxsize if total_batches is None else total_batches
         self.device, self.dtype = torch.device(model.cfg.device or "cpu"), model.cfg.dtype
         self.widths = [hook_width(model, h) for h in hooks]
         per = spec.streams // world
@@ -284,6 +288,8 @@ class ModelBatches:
     def _stream_batches(self, stream: _Stream, start: int) -> Iterator[list[Tensor]]:
         """One stream's shares from global batch `start`: the window holding it is rebuilt (its carried rows
         recomputed), then each window is dealt out while the next one fills."""
+        if start >= self.end:
+            return
         plan = stream.plan()
         win = next(w for w in plan if w.first_batch + w.n_batches > start)
         cur = self._alloc(stream.share + stream.window * stream.chunk_rows)
@@ -294,17 +300,20 @@ class ModelBatches:
         skip = start - win.first_batch
         while True:
             nxt = next(plan)
+            more = nxt.first_batch < self.end
             order = win.order.to(self.device)
             for s, c in zip(spare, cur, strict=True):
                 s[:nxt.n_carry] = c[order[win.n_batches * stream.share:]]
-            fill, done, todo = self._fill(stream, nxt, spare), 0, win.n_batches - skip
-            for i in range(skip, win.n_batches):
+            fill, done, todo = self._fill(stream, nxt, spare) if more else iter(()), 0, win.n_batches - skip
+            for i in range(skip, min(win.n_batches, self.end - win.first_batch)):
                 rows = order[i * stream.share:(i + 1) * stream.share]
                 yield [c[rows] for c in cur]
                 due = math.ceil((i - skip + 1) * stream.window / todo)  # spread the next window's passes
                 done += sum(1 for _ in itertools.islice(fill, max(due - done, 0)))
             for _ in fill:
                 pass
+            if not more:
+                return
             win, skip, cur, spare = nxt, 0, spare, cur
 
 

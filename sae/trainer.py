@@ -141,6 +141,8 @@ def prefetch(stream: Iterator[Any], depth: int = 3) -> Iterator[Any]:
             for item in stream:
                 if not put(item):
                     return
+            put(SaekitError("the batch source ended before training did; give it at least "
+                            "train.total_tokens / train.batch_size batches"))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             put(exc)
 

@@ -115,6 +115,11 @@ def test_batches_are_the_models_activations_and_a_resume_rebuilds_them_bitwise(t
         resumed = src(start)
         for i in range(start, min(start + 10, n)):
             assert all(torch.equal(a, b) for a, b in zip(next(resumed), batches[i], strict=True)), (start, i)
+    bounded = ModelBatches(tiny_model, tokens, hooks, spec, total_batches=12)  # forwards nothing past batch 12
+    tail = list(bounded(7))
+    assert len(tail) == 5 and all(torch.equal(a, b) for got, want in zip(tail, batches[7:12], strict=True)
+                                  for a, b in zip(got, want, strict=True))
+    assert list(bounded(12)) == []
 
 
 def test_a_buffer_larger_than_memory_allows_is_refused_with_its_size(tiny_model):
