@@ -49,6 +49,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     pipeline.stage_train(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from features import pipeline
+    from features.plan import plan
+
+    plan(cfg, pipeline.run_model(cfg), args.processes, pipeline.say)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from features import pipeline
@@ -200,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "each process writes its own shards)", cmd_cache),
         ("train", "train the configured SAEs on the cached activations, or on the fly with train.source: model "
                   "(torchrun for several processes)", cmd_train),
+        ("plan", "before anything runs: cache size per hook, on-the-fly buffer memory, and expected times "
+                 "from throughput measured on this machine (writes nothing)", cmd_plan),
         ("eval", "evaluate trained SAEs on held-out text: L0, FVU, dead/dense, CE loss recovered, KL", cmd_eval),
         ("run", "run every stage of the pipeline for a config, resuming what is already done", cmd_run),
         ("analyze", "analyse SAE features and their layer's MLP neurons into a feature store (features.db)",
@@ -230,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="neuronpedia: which units to export (default: feature)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "plan":
+            p.add_argument("--processes", type=int, default=1,
+                           help="processes (GPUs) the run will use, over all nodes (default: 1)")
         p.set_defaults(fn=fn)
     _add_view_parser(sub)
     return parser

@@ -114,3 +114,27 @@ def test_train_source_must_be_cache_or_model(tmp_path):
     path = _config(tmp_path, "bad", tmp_path, buffer_tokens=0)
     with pytest.raises(SaekitError, match=r"key 'train.buffer_tokens' must be a positive integer"):
         load_config(path)
+
+
+def test_plan_says_cache_size_buffer_memory_and_times_and_writes_nothing(tiny_llama_dir, tmp_path, capsys):
+    """`saekit plan`: the cache size per hook is tokens x width x bytes + 10 per row; the buffer is what the
+    on-the-fly source would allocate (and a too-large one is flagged); times come from measured rates."""
+    from sae.models import load_model
+    from sae.sources import BufferSpec, ModelBatches
+
+    path = _config(tmp_path, "plan", tiny_llama_dir, buffer_tokens=640)
+    assert cli.main(["plan", "--config", str(path), "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+    n = int(50 * (1 - 0.04)) * 32
+    assert f"train tokens: {n:,} (corpus.max_sequences, at most)" in out
+    model = load_model(str(tiny_llama_dir), "cpu")
+    for hook in HOOKS:
+        width = model.blocks[1].mlp.W_in.shape[1] if "hook_post" in hook else model.cfg.d_model
+        assert f"cache {hook}: {n * (width * 4 + 10) / 1e9:,.2f} GB ({width} x 4 bytes (float32) + 10 per token)" in out
+    spec = BufferSpec(128, 640, 5, 0, streams=2)
+    source = ModelBatches(model, torch.zeros(47, 32, dtype=torch.long), [HOOKS[1]], spec, rank=0, world=2)
+    assert f"buffer of 640 tokens = {source.buffer_bytes():,} bytes (" in out and ": fits" in out
+    assert "SAE training" in out and "expected on the fly:" in out and "expected: cache stage about" in out
+    cli.main(["plan", "--config", str(path), "--set", "train.buffer_tokens=4000000000000"])
+    assert "REFUSED at start" in capsys.readouterr().out
