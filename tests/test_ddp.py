@@ -39,7 +39,7 @@ def _env() -> dict[str, str]:
 
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-10000:]  # the ranks' own errors precede the summary
 
 
 def _weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
