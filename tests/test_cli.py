@@ -138,3 +138,17 @@ def test_plan_says_cache_size_buffer_memory_and_times_and_writes_nothing(tiny_ll
     assert "SAE training" in out and "expected on the fly:" in out and "expected: cache stage about" in out
     cli.main(["plan", "--config", str(path), "--set", "train.buffer_tokens=4000000000000"])
     assert "REFUSED at start" in capsys.readouterr().out
+
+
+def test_under_torchrun_each_process_loads_the_model_on_its_own_gpu(monkeypatch):
+    """World > 1 with GPUs: "auto" and "cuda" become the process's current device (LOCAL_RANK's, set when it
+    joined the group), not GPU 0 for all; an explicit device, or one process, is left as configured."""
+    import sae.distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(sae.distributed, "dist_info", lambda: (3, 8))
+    assert [pipeline.model_device(d) for d in ("auto", "cuda", "cpu", "cuda:1")] == ["cuda:3", "cuda:3", "cpu",
+                                                                                   "cuda:1"]
+    monkeypatch.setattr(sae.distributed, "dist_info", lambda: (0, 1))
+    assert pipeline.model_device("auto") == "auto" and pipeline.model_device("cuda") == "cuda"
