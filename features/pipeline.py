@@ -143,7 +143,8 @@ def stage_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                                resume=resume, overwrite=overwrite)
     else:
         out = train_from_cache(cfg, resume=resume, overwrite=overwrite)
-    say(f"trained in {time.perf_counter() - t0:.0f}s -> " + ", ".join(str(d) for d in out))
+    if out:  # rank 0 exports; other ranks return nothing
+        say(f"trained in {time.perf_counter() - t0:.0f}s -> " + ", ".join(str(d) for d in out))
     return out
 
 

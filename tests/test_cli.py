@@ -152,3 +152,21 @@ def test_under_torchrun_each_process_loads_the_model_on_its_own_gpu(monkeypatch)
                                                                                    "cuda:1"]
     monkeypatch.setattr(sae.distributed, "dist_info", lambda: (0, 1))
     assert pipeline.model_device("auto") == "auto" and pipeline.model_device("cuda") == "cuda"
+
+
+@pytest.mark.slow
+def test_train_on_the_fly_under_torchrun_equals_one_process(tiny_llama_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 ... train` with train.source: model and train.streams: 2: rank 0
+    tokenises while rank 1 waits, each process forwards its own sequences, and the SAE is the one a single
+    process running both streams trains."""
+    weights = {}
+    for name, processes in (("one", 1), ("two", 2)):
+        path = _config(tmp_path, name, tiny_llama_dir, source="model", buffer_tokens=640, streams=2,
+                       saes=[{"hook": HOOKS[1], "expansion": 2, "k": 4, "encoder_bf16": False}])
+        _cli(["train", "--config", str(path)], processes)
+        cfg = load_config(path)
+        assert not cfg.layout.cache_dir.exists()
+        (sae_dir,) = pipeline.sae_dirs(cfg)
+        weights[name] = load_file(str(sae_dir / "sae_weights.safetensors"))
+    for key, value in weights["one"].items():
+        torch.testing.assert_close(weights["two"][key], value, rtol=1e-4, atol=1e-5, msg=key)
