@@ -34,9 +34,11 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def cmd_cache(args: argparse.Namespace) -> None:
     cfg = _config(args)  # validate before the slow imports, so a typo is reported at once
     from features import pipeline
+    from sae.distributed import dist_info, leave
 
     pipeline.start_run(cfg)
     pipeline.stage_cache(cfg, pipeline.run_model(cfg), overwrite=args.overwrite)
+    leave(dist_info()[1])  # under torchrun: every rank has seen the merged manifest; gloo aborts an open group
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -45,6 +47,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     pipeline.start_run(cfg)
     pipeline.stage_train(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from features import pipeline
+    from features.plan import plan
+
+    plan(cfg, pipeline.run_model(cfg), args.processes, pipeline.say)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -60,9 +70,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     pipeline.start_run(cfg)
     model = pipeline.run_model(cfg)
-    pipeline.stage_cache(cfg, model, overwrite=args.overwrite)
+    if cfg.train.source == "cache":
+        pipeline.stage_cache(cfg, model, overwrite=args.overwrite)
+    else:
+        pipeline.say("cache: skipped (train.source: model trains on the fly from the forward pass)")
     resume = cfg.layout.checkpoint.is_file() and not args.overwrite
-    pipeline.stage_train(cfg, resume=resume, overwrite=args.overwrite)
+    pipeline.stage_train(cfg, resume=resume, overwrite=args.overwrite, model=model)
     pipeline.stage_eval(cfg, model)
     pipeline.stage_analyze(cfg, model, overwrite=args.overwrite)
     pipeline.stage_label(cfg, model)
@@ -191,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cache MLP activations, train sparse autoencoders, label and browse their features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, str, Callable[[argparse.Namespace], None]]] = [
-        ("cache", "run the model once and cache the configured hooks' activations to sharded files", cmd_cache),
-        ("train", "train the configured SAEs on the cached activations (torchrun for several processes)",
-         cmd_train),
+        ("cache", "run the model once and cache the configured hooks' activations to sharded files (torchrun: "
+                  "each process writes its own shards)", cmd_cache),
+        ("train", "train the configured SAEs on the cached activations, or on the fly with train.source: model "
+                  "(torchrun for several processes)", cmd_train),
+        ("plan", "before anything runs: cache size per hook, on-the-fly buffer memory, and expected times "
+                 "from throughput measured on this machine (writes nothing)", cmd_plan),
         ("eval", "evaluate trained SAEs on held-out text: L0, FVU, dead/dense, CE loss recovered, KL", cmd_eval),
         ("run", "run every stage of the pipeline for a config, resuming what is already done", cmd_run),
         ("analyze", "analyse SAE features and their layer's MLP neurons into a feature store (features.db)",
@@ -224,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="neuronpedia: which units to export (default: feature)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "plan":
+            p.add_argument("--processes", type=int, default=1,
+                           help="processes (GPUs) the run will use, over all nodes (default: 1)")
         p.set_defaults(fn=fn)
     _add_view_parser(sub)
     return parser

@@ -29,11 +29,22 @@ def say(msg: str) -> None:
     print(f"[saekit] {msg}", flush=True)
 
 
+def model_device(device: str) -> str:
+    """`model.device`, except that under torchrun with GPUs each process takes its own (LOCAL_RANK's, which
+    `dist_info` made current): 8 processes asking for "cuda" must not all land on GPU 0."""
+    from sae.distributed import dist_info
+
+    _, world = dist_info()
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
 def run_model(cfg: RunConfig) -> HookedTransformer:
     from sae.models import load_model
 
     t0 = time.perf_counter()
-    model = load_model(cfg.model.name, cfg.model.device)
+    model = load_model(cfg.model.name, model_device(cfg.model.device))
     say(f"model {model.cfg.model_name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
         f"d_mlp {model.cfg.d_mlp} ({time.perf_counter() - t0:.1f}s)")
     return model
@@ -67,19 +78,39 @@ def prepare_tokens(cfg: RunConfig, model: HookedTransformer) -> dict[str, torch.
     return out
 
 
+def train_tokens(cfg: RunConfig, model: HookedTransformer) -> torch.Tensor:
+    """The train split; under torchrun rank 0 tokenises (and writes the token file) while the others wait,
+    then they read its file, so every process holds the same sequences."""
+    import torch.distributed as dist
+
+    from sae.distributed import dist_info
+
+    rank, world = dist_info()
+    if world > 1 and rank > 0:
+        dist.barrier()
+    train = prepare_tokens(cfg, model)["train"]
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return train
+
+
 def stage_cache(cfg: RunConfig, model: HookedTransformer, overwrite: bool = False) -> dict[str, Path]:
-    """Cache every configured hook over the train split."""
+    """Cache every configured hook over the train split; under torchrun each process writes its own shards
+    and rank 0 merges the manifests (`sae.cache`)."""
     from sae.cache import write_cache
+    from sae.distributed import dist_info
     from sae.hooks import validate_hooks
 
     validate_hooks(model, cfg.cache.hooks)
-    train = prepare_tokens(cfg, model)["train"]
+    ranks = dist_info()
+    train = train_tokens(cfg, model)
     cache_dir = cfg.layout.cache_dir
-    say(f"caching {', '.join(cfg.cache.hooks)} over {train.numel():,} tokens ({cfg.cache.dtype}) -> {cache_dir}")
+    who = f" with {ranks[1]} processes" if ranks[1] > 1 else ""
+    say(f"caching {', '.join(cfg.cache.hooks)} over {train.numel():,} tokens ({cfg.cache.dtype}){who} -> {cache_dir}")
     t0 = time.perf_counter()
     folders = write_cache(model, train, cfg.cache.hooks, cache_dir, corpus_fingerprint=corpus.token_fingerprint(train),
                           dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size,
-                          shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite)
+                          shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, ranks=ranks)
     say(f"cache complete ({time.perf_counter() - t0:.0f}s): " + ", ".join(str(p) for p in folders.values()))
     return folders
 
@@ -88,9 +119,11 @@ def sae_dirs(cfg: RunConfig) -> list[Path]:
     return [cfg.layout.sae(spec.sae_id) for spec in cfg.train.saes]
 
 
-def stage_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> list[Path]:
-    """Train the configured SAEs; in a pipeline run, finished work is skipped and unfinished work resumed."""
-    from features.training import train_from_cache
+def stage_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+                model: HookedTransformer | None = None) -> list[Path]:
+    """Train the configured SAEs from the cache, or on the fly from `model` (loaded when not given) with
+    `train.source: model`; in a pipeline run, finished work is skipped and unfinished work resumed."""
+    from features.training import train_from_cache, train_from_model
     from sae.checkpoint import checkpoint_step
     from sae.formats import CFG_FILE
 
@@ -102,8 +135,16 @@ def stage_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     say(f"training {len(cfg.train.saes)} SAE(s) on {cfg.train.total_tokens:,} tokens in batches of "
         f"{cfg.train.batch_size:,}" + (f", resuming at step {step}" if resume and step else ""))
     t0 = time.perf_counter()
-    out = train_from_cache(cfg, resume=resume, overwrite=overwrite)
-    say(f"trained in {time.perf_counter() - t0:.0f}s -> " + ", ".join(str(d) for d in out))
+    if cfg.train.source == "model":
+        model = model or run_model(cfg)
+        say(f"on the fly: {model.cfg.model_name} forwards the train split into a shuffle buffer of "
+            f"{cfg.train.buffer_tokens:,} tokens (no cache)")
+        out = train_from_model(cfg, model, train_tokens(cfg, model), cfg.train.buffer_tokens, cfg.train.streams,
+                               resume=resume, overwrite=overwrite)
+    else:
+        out = train_from_cache(cfg, resume=resume, overwrite=overwrite)
+    if out:  # rank 0 exports; other ranks return nothing
+        say(f"trained in {time.perf_counter() - t0:.0f}s -> " + ", ".join(str(d) for d in out))
     return out
 
 

@@ -95,8 +95,13 @@ class SAESpec:
 @dataclass
 class TrainConfig:
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "total_tokens", "log_every_steps", "checkpoint_every_tokens",
-                                           "dead_after_tokens")
+                                           "dead_after_tokens", "buffer_tokens", "streams")
     saes: list[SAESpec] = field(default_factory=lambda: [SAESpec()])
+    # Where batches come from: "cache" (the cache stage's files) or "model" (on the fly: the forward pass feeds
+    # a shuffle buffer, no cache stage, no disk; for more distinct tokens than the disk holds).
+    source: Literal["cache", "model"] = "cache"
+    buffer_tokens: int = 131_072  # on the fly: shuffle-window rows over all processes (two windows are held)
+    streams: int | None = None  # on the fly: data-order streams (None: one per process); fixes the order
     batch_size: int = 4096  # tokens per optimiser step, summed over all processes
     total_tokens: int = 2_000_000
     lr_warmup_steps: int = 50

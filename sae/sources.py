@@ -178,6 +178,17 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def buffer_bytes(spec: BufferSpec, context_size: int, widths: list[int], dtype: torch.dtype,
+                 streams_here: int = 1) -> int:
+    """Bytes of the shuffle buffer on a process running `streams_here` streams of `spec` over hooks of
+    `widths`: two windows (one dealt out while the next fills) of whole forward passes plus carried rows.
+    Index arithmetic only, so `saekit plan` can say it before any model runs."""
+    chunk_rows = spec.forward_sequences * context_size
+    window = max(1, -(-(spec.buffer_tokens // spec.streams) // chunk_rows)) * chunk_rows
+    rows = spec.batch_size // spec.streams + window
+    return 2 * streams_here * rows * sum(widths) * torch.empty((), dtype=dtype).element_size()
+
+
 class ModelBatches:
     """`Batches` straight from the model's forward pass: several hooks from one pass, rows aligned.
 
@@ -205,9 +216,7 @@ class ModelBatches:
 
     def buffer_bytes(self) -> int:
         """Two windows (with their carried rows) per stream of this process, every hook."""
-        s = self.streams[0]
-        rows = s.share + s.window * s.chunk_rows
-        return 2 * len(self.streams) * rows * sum(self.widths) * torch.empty((), dtype=self.dtype).element_size()
+        return buffer_bytes(self.spec, self.tokens.shape[1], self.widths, self.dtype, len(self.streams))
 
     def _check_memory(self) -> None:
         need, have = self.buffer_bytes(), available_bytes(self.device)

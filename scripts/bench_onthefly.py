@@ -33,6 +33,7 @@ import torch
 from sae import corpus, trainer
 from sae.config import SAESpec, TrainConfig
 from sae.hooks import stop_layer
+from sae.io import atomic_write_text
 from sae.models import load_model
 from sae.saes import TopKConfig
 from sae.sources import BufferSpec, ModelBatches
@@ -168,7 +169,7 @@ def _report(args: argparse.Namespace, n_tokens: int, best: dict[str, Timing], lo
     print(f"\non-the-fly / bare forward: {ratio:.2f}x end to end"
           + (f", {steady / bare:.2f}x steady" if steady else "") + " (target >= 0.85x)")
     if args.json:
-        args.json.write_text(json.dumps({
+        atomic_write_text(args.json, json.dumps({
             "tokens_per_s": tps, "tokens_per_cpu_s": per_cpu,
             "steady_tokens_per_s": {n: t.steady for n, t in best.items() if t.steady}, "ratio": ratio,
             "tokens": n_tokens, "load_average": {"before": load_before, "after": load},

@@ -180,7 +180,9 @@ def test_the_timed_kernel_choice_is_recorded_and_reused_on_resume(tiny_model, tm
 
 @pytest.mark.slow
 def test_sigkill_then_resume_sees_every_token_once(tmp_path):
-    """A run killed mid-window and resumed ends with the weights and journal of a run that was never stopped."""
+    """A run killed mid-window and resumed ends with the weights and journal of a run that was never stopped:
+    the resumed run trained on the same (sequence, position) pairs in the same order (a batch repeated, skipped
+    or reordered after the resume would change the losses logged after it and the final weights)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     paths = {}
     for name in ("clean", "killed"):
@@ -204,6 +206,12 @@ def test_sigkill_then_resume_sees_every_token_once(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     steps = [r["step"] for r in journal(killed)]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 799
+    # Step by step, before and after the kill, the batches were the same: every logged loss is the clean run's.
+    fields = ("step", "loss", "mse", "fvu", "l0")
+    got, want = ([[r[f] for f in fields] for r in journal(c)] for c in (killed, clean))
+    assert len(got) == len(want) == 17
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.real
