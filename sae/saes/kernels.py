@@ -255,20 +255,25 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor) -> Tensor:
 
 @functools.cache
 def bf16_is_faster(device: str, d_in: int, d_sae: int) -> bool:
-    """Whether a bf16 encoder matmul beats fp32 here: yes on CUDA with bf16, timed once on CPU."""
+    """Whether a bf16 encoder matmul beats fp32 on this device, timed once per (device, shape): the same test on
+    CPU and CUDA (synchronised), at the batch size a training step encodes, so the choice follows the hardware
+    rather than a rule of thumb. A device without bf16 keeps fp32."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if dev.type != "cpu":
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_bf16_supported()):
         return False
-    x, W = torch.randn(512, d_in), torch.randn(d_in, d_sae)
+    rows = 4096 if dev.type == "cuda" else 512
+    x, W = torch.randn(rows, d_in, device=dev), torch.randn(d_in, d_sae, device=dev)
 
     def best(a: Tensor, b: Tensor) -> float:
         a @ b  # warm-up
         times = []
         for _ in range(3):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             start = time.perf_counter()
             a @ b
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - start)
         return min(times)
 
