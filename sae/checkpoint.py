@@ -48,7 +48,8 @@ def save_checkpoint(path: Path, jobs: list[Any], step: int, meta: dict[str, Any]
     info = {**meta, "step": step, "format": 2,
             "jobs": {job.name: {"resume": resume_view(job.sae), "recent_tokens": job.stats.recent_tokens,
                                 "scales": [job.sae.input_scale, job.sae.target_scale],
-                                "encoder_bf16": getattr(job.sae.hyper, "encoder_bf16", None)} for job in jobs}}
+                                "encoder_bf16": getattr(job.sae.hyper, "encoder_bf16", None),
+                                "fast": getattr(job.sae.hyper, "fast", None)} for job in jobs}}
     atomic_save_tensors(path, tensors, metadata={"saekit": json.dumps(info)})
 
 
@@ -93,10 +94,12 @@ def _differences(info: dict[str, Any], jobs: list[Any], meta: dict[str, Any]) ->
 
 
 def _reuse_kernel_choice(job: Any, saved: dict[str, Any]) -> None:
-    """A timed kernel choice (encoder_bf16 None) is taken from the checkpoint; a value set in the config wins."""
-    choice = saved.get("encoder_bf16")
-    if choice is not None and getattr(job.sae.hyper, "encoder_bf16", False) is None:
-        job.sae.hyper = dataclasses.replace(job.sae.hyper, encoder_bf16=choice)
+    """A timed kernel choice (fast or encoder_bf16 None) is taken from the checkpoint; a value set in the config
+    wins."""
+    for key in ("fast", "encoder_bf16"):
+        choice = saved.get(key)
+        if choice is not None and getattr(job.sae.hyper, key, False) is None:
+            job.sae.hyper = dataclasses.replace(job.sae.hyper, **{key: choice})
 
 
 def load_checkpoint(path: Path, jobs: list[Any], meta: dict[str, Any]) -> int:

@@ -11,7 +11,6 @@ once, on rank 0, and kept in the checkpoint for a resume.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import queue
 import threading
@@ -27,8 +26,9 @@ from tqdm.auto import tqdm
 
 from sae.checkpoint import load_checkpoint, save_checkpoint
 from sae.config import SAESpec, TrainConfig
-from sae.distributed import all_mean_, all_sum_, broadcast_flag, dist_info, global_batch_group, leave
+from sae.distributed import all_mean_, all_sum_, dist_info, global_batch_group, leave
 from sae.errors import SaekitError
+from sae.kernel_choice import settle_kernels
 from sae.saes import SAE, Provenance, SAEShape, build_sae, kernels
 
 Batches = Callable[[int], Iterator[list[Tensor]]]  # start batch -> global batches, one tensor per hook
@@ -185,17 +185,6 @@ def _meta(cfg: TrainConfig, data: dict[str, Any] | None) -> dict[str, Any]:
     return meta if data is None else {**meta, "data": data}
 
 
-def _settle_kernels(jobs: list[TrainJob], rank: int, world: int) -> None:
-    """Fix each SAE's timed kernel choice (encoder_bf16 None) once, before the first step: rank 0 times it and
-    every rank takes its answer, so all ranks run one kernel path and the checkpoint records it for resume."""
-    for job in jobs:
-        hyper, shape, device = job.sae.hyper, job.sae.shape, job.sae.W_enc.device
-        if getattr(hyper, "encoder_bf16", False) is not None or not getattr(hyper, "fast", False):
-            continue
-        faster = rank == 0 and kernels.bf16_is_faster(str(device), shape.d_in, shape.d_sae)
-        job.sae.hyper = dataclasses.replace(hyper, encoder_bf16=broadcast_flag(faster, world, device))
-
-
 class _Loop(NamedTuple):
     """Per-run constants of the loop, so each step function takes few arguments."""
 
@@ -263,7 +252,7 @@ def train(jobs: list[TrainJob], batches: Batches, cfg: TrainConfig, *, hooks: li
     meta = _meta(cfg, data)
     loop = _Loop(cfg, total_steps, int(total_steps * (1 - max(cfg.lr_decay_fraction, 0.1))), world, rank, checkpoint)
     start = _start_step(jobs, meta, checkpoint, resume, overwrite)
-    _settle_kernels(jobs, rank, world)
+    settle_kernels([job.sae for job in jobs], max(cfg.batch_size // world, 1), rank, world)
     metrics = metrics if rank == 0 else None
     if metrics is not None:
         metrics.open(start)

@@ -16,7 +16,7 @@ from sae.saes.base import SAE, ArchConfig, Provenance, SAEShape, register
 class TopKConfig(ArchConfig):
     k: int = 32  # latents per token
     aux_k_coef: float = 1 / 32  # AuxK loss weight; 0 disables it
-    fast: bool = True  # sparse training kernels (False: plain dense autograd)
+    fast: bool | None = True  # sparse training kernels (False: plain dense autograd; None: time both on the device)
     encoder_bf16: bool | None = None  # bf16 encoder matmul in the fast path; None: time it once per shape
 
     def __post_init__(self) -> None:
