@@ -431,8 +431,10 @@ def held_out_quality(trainer: Trainer, x: Tensor, chunk: int = 4096) -> tuple[fl
     return sq_err / total_var, l0 / x.shape[0]
 
 
-def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    fn()
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `repeats` synchronised calls after `warmup` untimed ones (shared with device_check)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -516,7 +518,7 @@ def profile_saekit(s: Settings, sched: Schedule, batches: list[Tensor], steps: i
             for p, g in zip(params, grads.values(), strict=True):
                 p.grad = g.clone()
             opt = torch.optim.Adam(params, lr=1e-4, **kwargs)
-            results[label] = _best_time(opt.step, device, 9)
+            results[label] = median_time(opt.step, device, 9)
         except (RuntimeError, TypeError) as exc:
             print(f"  Adam {label}: not available here ({exc})")
     print(f"\nAdam step over {n_params:,} parameters (median of 9):")

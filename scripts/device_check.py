@@ -53,6 +53,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+from bench_train import median_time, sync  # noqa: E402 - after the path above
+
 SMOKE = os.environ.get("DEVICE_CHECK_SMOKE") == "1"
 WIDTH = 100
 
@@ -93,24 +95,6 @@ SUMMARY: list[Row] = []
 
 def banner(title: str) -> None:
     print("\n" + "=" * WIDTH + f"\n{title}\n" + "=" * WIDTH, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------
