@@ -65,9 +65,12 @@ def _kind_table(rows: list[dict[str, Any]], kind: str) -> str:
                     "–" if c["fraction"] is None else f"{c['fraction']:.2f}", _pct(c["random_cause"]),
                     _p(c["p"]), _p(c["p_holm"]), _interval(c["isolation"], c["isolation_ci"]),
                     "yes" if c["holds"] else "no", sum(c["units_per_layer"]),
-                    "–" if c.get("units_moved") is None else f"{c['units_moved']:.1f}"])
+                    "–" if c.get("units_moved") is None else f"{c['units_moved']:.1f}"]
+                   + ([_interval(r.get("all_features_fraction"), r.get("all_features_fraction_ci") or [None, None],
+                                 pct=False)] if kind == "feature" else []))
     return _table(["attribute", "cause [95% CI]", "upper bound", "fraction", "random groups", "p", "Holm p",
-                   "isolation", "holds", "units", "units moved per pair"], out)
+                   "isolation", "holds", "units", "units moved per pair"]
+                  + (["all features / upper bound"] if kind == "feature" else []), out)
 
 
 def _words(data: dict[str, Any]) -> str:
@@ -97,6 +100,16 @@ def _words(data: dict[str, Any]) -> str:
     return " ".join(lines)
 
 
+def _ceiling(data: dict[str, Any]) -> str:
+    """The SAEs' own ceiling: every feature interchanged, against the upper bound."""
+    a = data.get("all_features") or {}
+    if a.get("fraction") is None:
+        return ""
+    return (f"\nEvery feature of every SAE interchanged at once reaches {_interval(a['fraction'], a['ci'], pct=False)} "
+            "of the upper bound: the most any group of features can carry here, because each SAE's reconstruction "
+            "error stays the base entity's.")
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     """`label.md`: the headline, the plain-words verdict, one table per kind, the skipped attributes."""
     s = data["settings"]
@@ -110,7 +123,7 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"reaches {HOLD_FRACTION:.0%} of the upper bound and beats random groups after Holm correction. "
              "*Units moved per pair*: how many of the chosen units differ between source and base at all (an "
              "interchange can change nothing else).", "",
-             _headline_table(data), "", _words(data), ""]
+             _headline_table(data), "", _words(data), _ceiling(data), ""]
     scored = [r for r in data["attributes"] if not r["skipped"]]
     for kind in DIR_KINDS:
         parts += [f"## {NAMES[kind].capitalize()}", "", _kind_table(scored, kind) if scored else "Nothing scored.", ""]

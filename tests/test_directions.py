@@ -374,9 +374,13 @@ def test_run_report_has_the_agreed_keys(tiny_result, tmp_path):
     for kind in ("neuron", "baseline"):  # dense units: every chosen unit differs between two entities
         assert row["kinds"][kind]["units_moved"] == pytest.approx(sum(row["kinds"][kind]["units_per_layer"]))
     assert 0 <= row["kinds"]["feature"]["units_moved"] <= sum(row["kinds"]["feature"]["units_per_layer"])
-    assert "units moved per pair" in (tmp_path / FILES["markdown"]).read_text()
-    assert len(data["layers"]) == 3 and set(data["settings"]["directions"]) >= {"pairs", "random_groups", "seed"}
     md = (tmp_path / FILES["markdown"]).read_text()
+    assert "units moved per pair" in md
+    ceiling = data["all_features"]  # every feature of every SAE interchanged at once
+    assert ceiling["fraction"] is not None and ceiling["ci"][0] <= ceiling["fraction"] <= ceiling["ci"][1]
+    assert row["all_features_fraction"] is not None and "all features / upper bound" in md
+    assert "Every feature of every SAE interchanged at once reaches" in md
+    assert len(data["layers"]) == 3 and set(data["settings"]["directions"]) >= {"pairs", "random_groups", "seed"}
     assert "| thing.colour" in md and "## Neurons" in md and "Features:" in md
 
 

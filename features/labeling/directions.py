@@ -76,6 +76,7 @@ class AttributeOutcomes:
     heldout: list[str] = field(default_factory=list)  # entities the pairs are drawn from
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (base, source)
     upper: Any = None  # np.ndarray [P]: the whole MLP outputs of every layer interchanged
+    all_features: Any = None  # np.ndarray [P]: every SAE feature of every layer interchanged (the SAEs' ceiling)
     chosen: dict[str, Any] = field(default_factory=dict)  # kind -> np.ndarray [P]
     random: dict[str, Any] = field(default_factory=dict)  # kind -> np.ndarray [random_groups, P]
     isolation: dict[str, Any] = field(default_factory=dict)  # kind -> np.ndarray [Q]; empty: no other attribute

@@ -199,8 +199,9 @@ def _choice_tokens(logits: Tensor, answer_ids: Tensor) -> Tensor:
 
 
 def _interchange(kit: _Kit, target: _Prepared, others: list[_Prepared]) -> None:
-    """Every patched run on `target`'s prompts: its upper bound, its chosen and random groups per kind, and the
-    isolation runs of the other attributes' chosen units; outcomes go into the attributes' records."""
+    """Every patched run on `target`'s prompts: its upper bound, its chosen and random groups per kind, every
+    feature of every SAE at once (what the SAEs could carry at all: their reconstruction error stays the base's),
+    and the isolation runs of the other attributes' chosen units; outcomes go into the attributes' records."""
     model, t = kit.ctx.model, target
     base, source = t.pairs[:, 0], t.pairs[:, 1]
     whole = _every([torch.arange(model.cfg.d_model)] * len(kit.layers), len(base))
@@ -208,6 +209,9 @@ def _interchange(kit: _Kit, target: _Prepared, others: list[_Prepared]) -> None:
     patches += [_patch(d.bases, [torch.cat([c.expand(len(base), -1), r]) for c, r in zip(d.chosen, d.random,
                                                                                          strict=True)],
                        t.acts, base, source) for d in t.directions.values()]
+    feat = t.directions["feature"]
+    every = _every([torch.arange(sae.shape.d_sae) for sae in kit.saes], len(base))
+    patches.append(_patch(feat.bases, every, t.acts, base, source))  # all features: the SAEs' own ceiling
     iso: list[tuple[_Prepared, Tensor]] = []
     for o in others:  # o's directions, interchanged in t's prompt on o's pairs whose base t knows
         keep = t.label[o.pairs[:, 0]] >= 0
@@ -226,6 +230,8 @@ def _interchange(kit: _Kit, target: _Prepared, others: list[_Prepared]) -> None:
         hit = hit.reshape(1 + kit.cfg.random_groups, n_pairs).astype(np.float64)
         t.outcome.chosen[kind], t.outcome.random[kind] = hit[0], hit[1:]
     at = 1 + len(t.directions)
+    t.outcome.all_features = (_choice_tokens(logits[at], ids) == moved).numpy().astype(np.float64)
+    at += 1
     for o, iso_bases in iso:
         o.outcome.other_attributes.append(t.known.report.attribute)
         for kind in o.directions:

@@ -40,6 +40,8 @@ DEFINITIONS = {
     "attributes_causal": "qualifying attributes whose direction holds",
     "cause_fraction": "mean over qualifying attributes of cause / upper bound; CI bootstraps pairs per attribute",
     "headline disentanglement": "mean over qualifying attributes of their disentanglement",
+    "all features": "every feature of every SAE interchanged at once, as a fraction of the upper bound: the ceiling "
+                    "of any feature group, since each SAE's reconstruction error stays the base's",
 }
 
 
@@ -101,8 +103,11 @@ def _attribute_row(o: AttributeOutcomes, seed: int) -> dict[str, Any]:
     if o.skipped:
         return row
     upper = _mean_ci(o.upper, seed)
+    ceiling = (bootstrap_of_means([np.stack([o.all_features, o.upper], 1)], lambda m: _ratio(m[0]), seed=seed)
+               if o.all_features is not None else None)
     row.update(values=o.values, n_known=o.n_known, n_train=len(o.train), n_heldout=len(o.heldout),
                pairs=len(o.pairs), upper_bound=_num(upper.value), upper_bound_ci=_ci(upper),
+               all_features_fraction=_num(ceiling.value) if ceiling else None, all_features_fraction_ci=_ci(ceiling),
                qualifies=bool(upper.value >= QUALIFY), isolation_on=o.other_attributes,
                kinds={kind: _kind_row(o, kind, seed) for kind in DIR_KINDS})
     return row
@@ -152,6 +157,17 @@ def _features_minus_neurons(qualified: list[AttributeOutcomes], seed: int) -> di
     return {"cause_fraction_diff": _num(iv.value), "ci": _ci(iv)}
 
 
+def _all_features(qualified: list[AttributeOutcomes], seed: int) -> dict[str, Any]:
+    """Every feature of every SAE interchanged, as a fraction of the upper bound (mean over qualifying attributes):
+    the most any group of features could carry, since the SAEs' reconstruction error stays the base's."""
+    done = [o for o in qualified if o.all_features is not None]
+    if not done:
+        return {"fraction": None, "ci": [None, None]}
+    iv = bootstrap_of_means([np.stack([o.all_features, o.upper], 1) for o in done],
+                            lambda ms: np.mean([_ratio(m) for m in ms], 0), seed=seed)
+    return {"fraction": _num(iv.value), "ci": _ci(iv)}
+
+
 def _layer_rows(result: DirectionsResult, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each patched layer with the mean number of units chosen there per scored attribute, per kind."""
     scored = [r for r in rows if not r["skipped"]]
@@ -173,7 +189,8 @@ def summarize(result: DirectionsResult, monosemantic: dict[str, Any] | None = No
     needed = min(TARGET, len(qualified))
     fmn = _features_minus_neurons(qualified, seed)
     layers = _layer_rows(result, rows)
-    return {"headline": headline, "features_minus_neurons": fmn, "qualified": len(qualified),
+    return {"headline": headline, "features_minus_neurons": fmn, "all_features": _all_features(qualified, seed),
+            "qualified": len(qualified),
             "target": {"attributes_needed": needed,
                        "feature_directions_met": bool(qualified) and headline["feature"]["attributes_causal"] >= needed,
                        "features_beat_neurons": fmn["ci"][0] is not None and fmn["ci"][0] > 0},
