@@ -145,6 +145,8 @@ def test_overview(monkeypatch, tiny_run):
         int(metrics["dense features"]) == 64
     assert {"Firing frequency", "Monosemanticity vs frequency", "Monosemantic share: neurons vs features",
             "Probing: attributes read from units", "Best tagged units"} <= {s.value for s in at.subheader}
+    share = next(c.value for c in at.caption if c.value.startswith("Monosemantic share among units"))
+    assert "features " in share and "neurons " in share and "% [" in share and "median live feature" in share
     probes, tags = at.dataframe[0].value, at.dataframe[1].value
     assert list(probes["accuracy"]) == [0.83, 0.71]
     assert tags.iloc[0]["value"] == "Europe" and tags.iloc[0]["unit"].startswith("feature ")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from features.labeling.significance import bootstrap_ci
 from features.store import FeatureStore, Tag, density_note
 from features.viewer.markup import fmt
 from features.viewer.nav import done, goto
@@ -133,6 +134,21 @@ def _monosemantic_share(feats: pd.DataFrame, neurons: pd.DataFrame, src: Sources
                                                    range=["#2f9e44", "#e8590c", "#adb5bd"])),
         tooltip=["kind:N", "class:N", "units:Q", alt.Tooltip("share:Q", format=".1%")])
     st.altair_chart(chart, width="stretch")
+    st.caption(_share_caption(feats, neurons))
+
+
+def _share_caption(feats: pd.DataFrame, neurons: pd.DataFrame) -> str:
+    """The monosemantic share among units that are not dead, per kind, with its 95% bootstrap interval over
+    units, and the rule that makes the two kinds comparable."""
+    parts = []
+    for kind, frame in (("features", feats), ("neurons", neurons)):
+        alive = frame[frame["semantic_class"].isin(["monosemantic", "polysemantic"])] if len(frame) else frame
+        if len(alive):
+            ci = bootstrap_ci((alive["semantic_class"] == "monosemantic").to_numpy(dtype=float))
+            parts.append(f"{kind} {ci.value:.1%} [{ci.lo:.1%}, {ci.hi:.1%}] of {len(alive):,}")
+    return ("Monosemantic share among units that are not dead (95% bootstrap over units): " + "; ".join(parts)
+            + ". Both kinds are judged by one rule: a feature is on above 0, a neuron above its own threshold that "
+            "makes it fire as often as the median live feature.")
 
 
 def _probes(store: FeatureStore, src: Sources) -> None:
