@@ -135,14 +135,17 @@ def _check_selection() -> None:
 
 
 def _check_kernel_choice(rank: int, world: int) -> None:
-    """A kernel path chosen by timing is rank 0's choice on every rank (only rank 0 times it)."""
+    """Kernel paths chosen by timing (sparse vs dense, bf16 vs fp32 encoder) are rank 0's choices on every rank
+    (only rank 0 times them)."""
+    from sae import kernel_choice
     from sae.saes import SAEShape, TopKConfig, build_sae, kernels
-    from sae.trainer import TrainJob, _settle_kernels
 
-    kernels.bf16_is_faster = lambda device, d_in, d_sae: rank == 0  # were each rank to time, they would differ
-    job = TrainJob("sae", build_sae(SAEShape(d_in=8, d_sae=32), TopKConfig(k=2)), lr=1e-3)
-    _settle_kernels([job], rank, world)
-    assert job.sae.hyper.encoder_bf16 is True, f"rank {rank} took another kernel path than rank 0"
+    kernel_choice.sparse_is_faster = lambda sae, rows: rank == 0  # were each rank to time, they would differ
+    kernels.bf16_is_faster = lambda device, d_in, d_sae: rank == 0
+    sae = build_sae(SAEShape(d_in=8, d_sae=32), TopKConfig(k=2, fast=None))
+    kernel_choice.settle_kernels([sae], 64, rank, world)
+    assert sae.hyper.fast is True, f"rank {rank} took another decoder path than rank 0"
+    assert sae.hyper.encoder_bf16 is True, f"rank {rank} took another encoder path than rank 0"
 
 
 if __name__ == "__main__":
