@@ -48,3 +48,32 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, real_model: HookedT
     LlamaForCausalLM(cfg).save_pretrained(path)
     real_model.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny workloads: on a shared 2-core machine one thread is several times faster than two. A module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def identity_sae():
+    """A factory of ReLU SAEs that reconstruct exactly (relu(x) - relu(-x) = x), so every metric and every
+    interchange through them has a known value: identity_sae(d, hook)."""
+    from sae.saes import Provenance, SAEShape, build_sae
+
+    def make(d: int, hook: str):
+        sae = build_sae(SAEShape(d_in=d, d_sae=2 * d), "relu", Provenance(model_name="tiny", hook_name=hook))
+        eye = torch.eye(d)
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+            sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+        return sae
+
+    return make

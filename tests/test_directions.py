@@ -44,13 +44,7 @@ from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 LAYERS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny workloads: on a shared 2-core machine one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: one thread is faster here
 
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -81,17 +75,6 @@ def tiny_saes(d_model: int = 32) -> list:
     return [build_sae(SAEShape(d_model, 64), TopKConfig(k=8, encoder_bf16=False), Provenance("tiny", mlp_out(layer)),
                       seed=layer) for layer in LAYERS]
 
-
-def identity_sae(d: int, hook: str):
-    """relu(x) - relu(-x) = x: a ReLU SAE that reconstructs exactly."""
-    sae = build_sae(SAEShape(d_in=d, d_sae=2 * d), "relu", Provenance(model_name="tiny", hook_name=hook))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +245,7 @@ def _mlp_outs_after_patch(model, prompts, answers, patch) -> tuple[torch.Tensor,
     return logits, outs
 
 
-def test_upper_bound_copies_the_source_and_an_exact_sae_does_the_same(tiny_model):
+def test_upper_bound_copies_the_source_and_an_exact_sae_does_the_same(tiny_model, identity_sae):
     es = things(10)
     tok = tokenizer_for(es)
     prompts = _prompts(es, "colour", tok)
@@ -289,7 +272,7 @@ def test_upper_bound_copies_the_source_and_an_exact_sae_does_the_same(tiny_model
     assert not torch.allclose(clean, up_logits, atol=1e-3)  # the patch did change the answer's logits
 
 
-def test_a_transcoder_is_read_at_the_mlp_input_of_the_patched_run_and_written_at_its_output(tiny_model):
+def test_a_transcoder_is_read_at_the_mlp_input_of_the_patched_run_and_written_at_its_output(tiny_model, identity_sae):
     """Units of a transcoder (resid_mid -> mlp_out) take their current values from the MLP's input as it arrives in
     the patched run: with an identity encoder and decoder rows [M; -M], interchanging every unit in the first layer
     adds (source's input - base's input) @ M to that layer's MLP output."""

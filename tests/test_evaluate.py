@@ -7,22 +7,9 @@ import torch
 
 from sae.evaluate import evaluate_sae as evaluate
 from sae.formats import load_sae
-from sae.saes import Provenance, SAEShape, build_sae
 
 
-def identity_sae(d: int, hook: str):
-    """relu(x) - relu(-x) = x: a ReLU SAE that reconstructs exactly, so every metric has a known value."""
-    sae = build_sae(SAEShape(d_in=d, d_sae=2 * d), "relu", Provenance(model_name="tiny", hook_name=hook))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
-def test_perfect_sae_recovers_everything(tiny_model):
+def test_perfect_sae_recovers_everything(tiny_model, identity_sae):
     tokens = torch.randint(0, 500, (12, 16), generator=torch.Generator().manual_seed(0))
     res = evaluate(tiny_model, identity_sae(32, "blocks.1.hook_mlp_out"), tokens, ce_sequences=8, batch_size=4)
     assert res["fvu"] < 1e-10
@@ -32,7 +19,7 @@ def test_perfect_sae_recovers_everything(tiny_model):
     assert 0 < res["l0"] <= 32 and res["tokens"] == 12 * 16
 
 
-def test_zero_sae_recovers_nothing(tiny_model):
+def test_zero_sae_recovers_nothing(tiny_model, identity_sae):
     sae = identity_sae(32, "blocks.1.hook_mlp_out")
     with torch.no_grad():
         sae.W_dec.zero_()

@@ -51,13 +51,7 @@ from sae.saes import Provenance, SAEShape, TopKConfig, build_sae
 HOOK = "blocks.1.hook_mlp_out"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These workloads are small: on a shared 2-core machine one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: one thread is faster here
 
 
 # ---------------------------------------------------------------------------------------------

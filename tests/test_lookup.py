@@ -34,13 +34,7 @@ from sae.hooks import run_to
 COLOURS = ["red", "blue", "green"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small workloads: on a shared 2-core machine one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: one thread is faster here
 
 
 # ---------------------------------------------------------------------------------------------
