@@ -47,7 +47,7 @@ from features.labeling.directions import (
     split_entities,
     whole_output_basis,
 )
-from features.labeling.entities import EntitySet, load_entities
+from features.labeling.entities import EntitySet, load_entities, too_few_per_value, value_counts
 from features.labeling.interchange import Basis, Patch, interchanged_logits, last_token_acts, source_values
 from features.labeling.knowledge import KnownAttribute, knowledge_filter
 from features.labeling.labeler import sample_entities
@@ -97,15 +97,6 @@ def _hooks(kit: _Kit) -> list[str]:
 def _seed(cfg: DirectionsConfig, *parts: str) -> int:
     return stable_hash("\x00".join([*parts, str(cfg.seed)])) % 2 ** 31
 
-
-def _too_few(es: EntitySet, attr: str, rows: list[int], min_size: int) -> str | None:
-    """Why an attribute cannot be scored before any forward pass, or None."""
-    counts: dict[str, int] = {}
-    for i in rows:
-        counts[es.attributes[attr][i]] = counts.get(es.attributes[attr][i], 0) + 1
-    if sum(c >= min_size for c in counts.values()) < 2:
-        return f"fewer than 2 values with at least {min_size} entities (largest: {max(counts.values(), default=0)})"
-    return None
 
 
 def _directions(kit: _Kit, name: str, acts: dict[str, Tensor], train: Tensor, labels: Tensor,
@@ -250,7 +241,7 @@ def _entity_type(kit: _Kit, es: EntitySet) -> list[AttributeOutcomes]:
     done: list[AttributeOutcomes] = []
     ready: list[_Prepared] = []
     for attr in es.attributes:
-        reason = _too_few(es, attr, rows, ctx.cfg.min_class_size)
+        reason = too_few_per_value(value_counts(es, attr, rows), ctx.cfg.min_class_size)
         rep = AttributeReport(es.entity_type, attr, len(rows), len(es.values(attr)), skipped=reason)
         known = None
         if not reason:

@@ -122,6 +122,23 @@ def _pick(templates: list[str], index: int, attribute: str) -> str:
     return templates[index]
 
 
+def value_counts(entity_set: EntitySet, attribute: str, rows: list[int]) -> dict[str, int]:
+    """How many of the entities `rows` have each value of `attribute`."""
+    counts: dict[str, int] = {}
+    for i in rows:
+        value = entity_set.attributes[attribute][i]
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def too_few_per_value(counts: dict[str, int], min_size: int) -> str | None:
+    """Why an attribute cannot be scored before any forward pass (fewer than 2 values with `min_size` entities
+    each among `counts`), or None; one rule for the labeler, the directions and the lookup."""
+    if sum(c >= min_size for c in counts.values()) < 2:
+        return f"fewer than 2 values with at least {min_size} entities (largest: {max(counts.values(), default=0)})"
+    return None
+
+
 def usable_attributes(entity_set: EntitySet, min_values: int = 2,
                       min_entities: int = 10) -> tuple[list[str], dict[str, str]]:
     """Split attributes into those worth scoring and those to skip, with the reason for each skip.

@@ -19,7 +19,7 @@ from features.labeling.activations import span_activations
 from features.labeling.causal import Candidate, check_tags
 from features.labeling.config import LabelConfig
 from features.labeling.context import LabelContext, make_context
-from features.labeling.entities import EntitySet, usable_attributes
+from features.labeling.entities import EntitySet, too_few_per_value, usable_attributes, value_counts
 from features.labeling.knowledge import knowledge_filter
 from features.labeling.probes import attribute_probes, stable_hash
 from features.labeling.prompts import encode_prompt
@@ -90,13 +90,11 @@ def _scorable(ctx: LabelContext, es: EntitySet, rows: list[int], found: _Found) 
         _skip(ctx, found, AttributeReport(es.entity_type, attr, len(rows), len(es.values(attr)), skipped=reason))
     todo = []
     for attr in usable:
-        counts: dict[str, int] = {}
-        for i in rows:
-            counts[es.attributes[attr][i]] = counts.get(es.attributes[attr][i], 0) + 1
+        counts = value_counts(es, attr, rows)
         rep = AttributeReport(es.entity_type, attr, len(rows), len(counts))
-        if sum(c >= min_size for c in counts.values()) < 2:
-            rep.skipped = (f"fewer than 2 values with at least {min_size} entities "
-                           f"(largest: {max(counts.values())}); too few entities share a value")
+        reason = too_few_per_value(counts, min_size)
+        if reason:
+            rep.skipped = f"{reason}; too few entities share a value"
             _skip(ctx, found, rep)
             continue
         todo.append(rep)

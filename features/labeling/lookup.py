@@ -41,7 +41,7 @@ from torch import Tensor
 
 from features.labeling.activations import answer_logprobs, span_activations
 from features.labeling.config import LabelConfig
-from features.labeling.entities import EntitySet, usable_attributes
+from features.labeling.entities import EntitySet, too_few_per_value, usable_attributes, value_counts
 from features.labeling.knowledge import _known, _settle_values
 from features.labeling.labeler import sample_entities
 from features.labeling.probes import Split, fit_logreg, split_train_test
@@ -254,21 +254,12 @@ def _states(run: _Run, es: EntitySet, attr: str, names: list[str], answer_ids: T
     return torch.stack([torch.stack([s[-1] for s in spans[h]]) for h in hooks]), total
 
 
-def _too_few(es: EntitySet, attr: str, rows: list[int], min_size: int) -> str | None:
-    """Why an attribute cannot be probed on these entities before any forward pass, or None."""
-    counts: dict[str, int] = {}
-    for i in rows:
-        counts[es.attributes[attr][i]] = counts.get(es.attributes[attr][i], 0) + 1
-    if sum(c >= min_size for c in counts.values()) < 2:
-        return f"fewer than 2 values with at least {min_size} sampled entities"
-    return None
-
 
 def _lookup_attribute(run: _Run, es: EntitySet, attr: str, rows: list[int]) -> AttributeLookup:
     """The knowledge filter, then probes and direction shares at every layer for one attribute."""
     cfg = run.cfg
     out = AttributeLookup(es.entity_type, attr, len(rows))
-    out.skipped = _too_few(es, attr, rows, cfg.min_class_size)
+    out.skipped = too_few_per_value(value_counts(es, attr, rows), cfg.min_class_size)
     if out.skipped:
         return out
     names = [es.entities[i] for i in rows]
