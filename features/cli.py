@@ -134,6 +134,22 @@ def cmd_directions(args: argparse.Namespace) -> None:
     pipeline.stage_directions(cfg, pipeline.run_model(cfg))
 
 
+def cmd_mix(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from features.labeling import load_entities
+    from features.labeling.entity_mix import write_mix
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SaekitError(f"{out} already exists; pass --overwrite to write it again, or choose another --out")
+    stats = write_mix(out, args.corpus, load_entities(cfg.label), args.fraction, cfg.directions.train_fraction,
+                      cfg.directions.seed, args.max_chars)
+    print(f"[saekit] mix: {stats.corpus_documents:,} corpus documents and {stats.fact_documents:,} fact documents "
+          f"({stats.fact_share:.1%} of {stats.corpus_chars + stats.fact_chars:,} characters) about "
+          f"{stats.entities_written:,} training entities; {stats.entities_held_out:,} held-out entities are in no "
+          f"fact -> {out}\n[saekit] to train on it, set corpus.source: {out} in a config")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from features import export
@@ -220,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "share of its direction: reports/run/lookup.*", cmd_lookup),
         ("directions", "attribute directions across the run's MLP-output SAEs, tested by interchange against neurons "
                        "and a PCA basis: reports/run/label.*", cmd_directions),
+        ("mix", "write a training corpus with more entity mentions: the corpus interleaved with fact sentences about "
+                "the directions' training entities only (held-out entities are never written)", cmd_mix),
         ("export", "export a feature store: Parquet tables, Neuronpedia JSON batches, or a portable bundle",
          cmd_export),
     ]
@@ -238,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output folder (default: runs/<name>/exports/<sae-id>-<format>)")
             p.add_argument("--kind", choices=("feature", "neuron"), default="feature",
                            help="neuronpedia: which units to export (default: feature)")
+        if name == "mix":
+            p.add_argument("--out", required=True, help="the .jsonl file to write")
+            p.add_argument("--fraction", type=float, default=0.2,
+                           help="share of the characters that are fact sentences (default: 0.2)")
+            p.add_argument("--corpus", default="embedded",
+                           help="the text to interleave the facts with, any corpus.source (default: embedded)")
+            p.add_argument("--max-chars", type=int, default=None,
+                           help="stop after this many characters in all (default: the whole corpus)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         if name == "plan":

@@ -24,6 +24,7 @@ from features.labeling.directions import (
     mlp_in,
     mlp_out,
     neuron_basis,
+    output_variance,
     random_groups,
     sample_pairs,
     split_entities,
@@ -84,7 +85,8 @@ def tiny_saes(d_model: int = 32) -> list:
 def test_config_refuses_bad_values():
     for bad, key in [({"pairs": 1}, "directions.pairs"), ({"train_fraction": 1.0}, "directions.train_fraction"),
                      ({"units_per_layer": 0}, "directions.units_per_layer"),
-                     ({"baseline": "ica"}, "directions.baseline"), ({"random_groups": 0}, "directions.random_groups")]:
+                     ({"baseline": "ica"}, "directions.baseline"), ({"random_groups": 0}, "directions.random_groups"),
+                     ({"unit_rule": "f1"}, "directions.unit_rule")]:
         with pytest.raises(SaekitError, match=key):
             DirectionsConfig(**bad)
 
@@ -105,6 +107,22 @@ def test_anova_chooses_the_units_that_separate_the_values():
     allowed[7] = False
     assert 7 not in choose_units([acts], labels, 3, [allowed])[0].tolist()
     assert choose_units([acts[:, [5]]], labels, 4)[0].numel() == 0  # nothing separates: nothing chosen
+
+
+def test_output_variance_prefers_a_unit_that_writes_the_difference_over_a_faint_clean_one():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    acts = torch.randn(60, 6, generator=gen) * 0.1
+    acts[:, 1] = labels.float() * 0.01 + 0.0001 * torch.randn(60, generator=gen)  # separates cleanly, writes little
+    acts[:, 4] = labels.float() * 2.0 + torch.randn(60, generator=gen)  # separates with noise, writes a lot
+    acts[:, 3] = 1.0
+    norms = torch.ones(6)
+    assert int(anova_f(acts, labels).argmax()) == 1  # F rewards the faint unit's clean separation
+    assert int(output_variance(acts, labels, norms).argmax()) == 4
+    norms[4] = 0.001  # the same activations through a near-zero output direction carry nothing
+    assert int(output_variance(acts, labels, norms).argmax()) != 4
+    picked = choose_units([acts], labels, 2, None, [torch.ones(6)])[0].tolist()
+    assert 4 in picked and 3 not in picked
 
 
 def test_random_groups_match_sizes_per_layer_and_are_seeded():
@@ -335,6 +353,25 @@ def test_directions_on_the_tiny_model(tiny_result):
     is_train = split_entities("thing", es.entities, cfg.train_fraction, cfg.seed).tolist()
     split = dict(zip(es.entities, is_train, strict=True))
     assert all(split[e] for e in result.attributes[0].train) and not any(split[e] for e in result.attributes[0].heldout)
+
+
+def test_output_variance_rule_runs_for_every_kind_and_is_named_in_the_report(tiny_model):
+    es = things(30)
+    cfg = DirectionsConfig(units_per_layer=2, pairs=10, batch_size=64, isolation=False, unit_rule="output_variance")
+    result = directions(tiny_model, tiny_saes(), [es], cfg, LabelConfig(knowledge_filter=False, batch_size=16,
+                                                                        min_class_size=3),
+                        tokenizer=tokenizer_for(es), log=lambda m: None)
+    colour = result.attributes[0]
+    hooks = [neuron_basis(x).hook for x in LAYERS]
+    prompts = [encode_prompt(tokenizer_for(es), es.templates["colour"].templates[0], e, 0) for e in colour.train]
+    acts = last_token_acts(tiny_model, prompts, hooks, 64, Timer())
+    labels = torch.tensor([colour.values.index(es.attributes["colour"][es.entities.index(e)]) for e in colour.train])
+    norms = [tiny_model.W_out[x].detach().norm(dim=1) for x in LAYERS]
+    expected = choose_units([acts[h] for h in hooks], labels, 2, None, norms)
+    assert [u.tolist() for u in expected] == [list(u) for u in colour.units["neuron"]]  # W_out rows weigh neurons
+    for kind in ("feature", "neuron", "baseline"):
+        assert all(len(u) <= 2 for u in colour.units[kind]) and sum(len(u) for u in colour.units[kind]) > 0
+    assert "output direction" in summarize(result)["settings"]["unit_rule"]
 
 
 def test_run_report_has_the_agreed_keys(tiny_result, tmp_path):

@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 
 DirKind = Literal["feature", "neuron", "baseline"]
 DIR_KINDS: tuple[DirKind, ...] = ("feature", "neuron", "baseline")
+UnitRule = Literal["anova", "output_variance"]
+UNIT_RULES: dict[str, str] = {
+    "anova": "per layer, the units with the largest one-way ANOVA F of their activation across the attribute's "
+             "values on the training entities (F > 0)",
+    "output_variance": "per layer, the units whose contribution to hook_mlp_out varies most across the attribute's "
+                       "values on the training entities: the between-value sum of squares of the activation times "
+                       "the squared norm of the unit's output direction (> 0)",
+}
 _RANK_TOL = 1e-5  # PCA components below this share of the largest singular value carry no training variance
 MIN_PAIRS = 10  # fewer held-out pairs than this cannot say anything about an attribute
 
@@ -48,6 +56,7 @@ class DirectionsConfig:
     batch_size: int = 256  # patched runs per forward pass (each runs only the tokens from the entity's last one)
     baseline: Literal["pca", "random"] = "pca"  # the non-SAE basis of hook_mlp_out the features are compared to
     isolation: bool = True  # also test whether the other attributes of the base entity stay as they were
+    unit_rule: UnitRule = "anova"  # how units are ranked on the training entities (UNIT_RULES says each in words)
 
     def __post_init__(self) -> None:
         for key in ("units_per_layer", "random_groups", "batch_size"):
@@ -59,6 +68,9 @@ class DirectionsConfig:
         if not 0.0 < self.train_fraction < 1.0:
             raise SaekitError(f"key 'directions.train_fraction' must be strictly between 0 and 1 (entities to "
                               f"choose units on vs entities to score), got {self.train_fraction}")
+        if self.unit_rule not in UNIT_RULES:
+            raise SaekitError(f"key 'directions.unit_rule' must be one of {', '.join(UNIT_RULES)}, "
+                              f"got {self.unit_rule!r}")
         if self.baseline not in ("pca", "random"):
             raise SaekitError(f"key 'directions.baseline' must be 'pca' or 'random', got {self.baseline!r}")
 
@@ -215,15 +227,10 @@ def sample_pairs(labels: Tensor, answer_ids: Tensor, n_pairs: int, seed: int) ->
 # ---------------------------------------------------------------------------------------------- unit choice
 
 
-def anova_f(acts: Tensor, labels: Tensor) -> Tensor:
-    """One-way ANOVA F statistic of each unit's activation across the values ([n, U], labels [n] -> [U]):
-    between-value variance over within-value variance. 0 for a unit that is constant or has no within-value
-    spread to compare against and no between-value difference; NaN-free."""
+def _sums(acts: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int, int]:
+    """Between-value and within-value sums of squares per unit ([n, U] -> [U], [U]), the value count and n."""
     x = acts.double()
     present = torch.unique(labels)
-    k, n = len(present), len(labels)
-    if k < 2 or n <= k:
-        return torch.zeros(x.shape[1], dtype=torch.float64)
     grand = x.mean(0)
     ssb = torch.zeros(x.shape[1], dtype=torch.float64)
     ssw = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -232,18 +239,38 @@ def anova_f(acts: Tensor, labels: Tensor) -> Tensor:
         mean = group.mean(0)
         ssb += len(group) * (mean - grand) ** 2
         ssw += ((group - mean) ** 2).sum(0)
+    return ssb, ssw, len(present), len(labels)
+
+
+def anova_f(acts: Tensor, labels: Tensor) -> Tensor:
+    """One-way ANOVA F statistic of each unit's activation across the values ([n, U], labels [n] -> [U]):
+    between-value variance over within-value variance. 0 for a unit that is constant or has no within-value
+    spread to compare against and no between-value difference; NaN-free."""
+    ssb, ssw, k, n = _sums(acts, labels)
+    if k < 2 or n <= k:
+        return torch.zeros(acts.shape[1], dtype=torch.float64)
     msb, msw = ssb / (k - 1), ssw / (n - k)
-    scale = float(x.var(0).max()) if n > 1 else 0.0
+    scale = float(acts.double().var(0).max()) if n > 1 else 0.0
     return torch.where(msb > 0, msb / msw.clamp_min(1e-12 * max(scale, 1e-30)), torch.zeros_like(msb))
 
 
-def choose_units(acts: list[Tensor], labels: Tensor, budget: int, allowed: list[Tensor] | None = None) -> list[Tensor]:
-    """Per layer, the <= `budget` units with the largest ANOVA F across the attribute's values on the training
-    entities (acts: per layer [n, U]); units with F = 0 (no separation at all) or not `allowed` are never chosen.
-    Ties go to the lower index."""
+def output_variance(acts: Tensor, labels: Tensor, out_norms: Tensor) -> Tensor:
+    """Between-value sum of squares of each unit's contribution to the layer's output ([n, U], [n], [U] -> [U]):
+    a unit that separates the values perfectly but writes almost nothing cannot carry them, so size counts."""
+    ssb, _, k, _ = _sums(acts, labels)
+    if k < 2:
+        return torch.zeros(acts.shape[1], dtype=torch.float64)
+    return ssb * out_norms.double().cpu() ** 2
+
+
+def choose_units(acts: list[Tensor], labels: Tensor, budget: int, allowed: list[Tensor] | None = None,
+                 out_norms: list[Tensor] | None = None) -> list[Tensor]:
+    """Per layer, the <= `budget` units with the largest score on the training entities (acts: per layer [n, U]):
+    ANOVA F, or with `out_norms` (per layer [U], each unit's output-direction norm) the output variance. Units
+    scoring 0 (no separation at all) or not `allowed` are never chosen. Ties go to the lower index."""
     chosen = []
     for i, a in enumerate(acts):
-        f = anova_f(a, labels)
+        f = anova_f(a, labels) if out_norms is None else output_variance(a, labels, out_norms[i])
         if allowed is not None:
             f = torch.where(allowed[i], f, torch.zeros_like(f))
         order = torch.argsort(-f, stable=True)[:budget]

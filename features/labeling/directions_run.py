@@ -101,7 +101,7 @@ def _seed(cfg: DirectionsConfig, *parts: str) -> int:
 
 def _directions(kit: _Kit, name: str, acts: dict[str, Tensor], train: Tensor, labels: Tensor,
                 n_pairs: int) -> dict[DirKind, _Direction]:
-    """Per kind, the bases of every layer, the chosen units (ANOVA F on the training entities), and for every pair
+    """Per kind, the bases of every layer, the chosen units (`cfg.unit_rule`, training entities), and for every pair
     its own `random_groups` random groups of the same sizes, so the controls sample many groups, not a few."""
     cfg, model = kit.cfg, kit.ctx.model
     out: dict[DirKind, _Direction] = {}
@@ -120,11 +120,20 @@ def _directions(kit: _Kit, name: str, acts: dict[str, Tensor], train: Tensor, la
             widths = [model.cfg.d_model] * len(kit.layers)
         with torch.inference_mode():
             coords = [b.encode(acts[b.read_hook][train].to(model.cfg.device)).cpu() for b in bases]
-        chosen = choose_units(coords, labels, cfg.units_per_layer, allowed)
+        norms = _out_norms(kit, kind, bases) if cfg.unit_rule == "output_variance" else None
+        chosen = choose_units(coords, labels, cfg.units_per_layer, allowed, norms)
         drawn = random_groups(chosen, widths, cfg.random_groups * n_pairs, _seed(cfg, name, kind))
         random = [torch.stack([g[i] for g in drawn]) for i in range(len(chosen))]
         out[kind] = _Direction(bases, chosen, random)
     return out
+
+
+def _out_norms(kit: _Kit, kind: DirKind, bases: list[Basis]) -> list[Tensor]:
+    """Per layer [U], the norm of each unit's direction in hook_mlp_out: a neuron's row of W_out, a feature's
+    decoder row, a baseline's (unit) basis row."""
+    if kind == "neuron":
+        return [kit.ctx.model.W_out[layer].detach().float().norm(dim=1).cpu() for layer in kit.layers]
+    return [b.rows.float().norm(dim=1).cpu() for b in bases if b.rows is not None]
 
 
 def _prepare(kit: _Kit, es: EntitySet, known: KnownAttribute, is_train: Tensor) -> _Prepared:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from features.labeling.directions import DIR_KINDS, AttributeOutcomes, DirectionsResult
+from features.labeling.directions import DIR_KINDS, UNIT_RULES, AttributeOutcomes, DirectionsResult
 from features.labeling.significance import Interval, bootstrap_of_means, holm, sign_flip_test
 
 QUALIFY = 0.3
@@ -189,6 +189,7 @@ def summarize(result: DirectionsResult, monosemantic: dict[str, Any] | None = No
     needed = min(TARGET, len(qualified))
     fmn = _features_minus_neurons(qualified, seed)
     layers = _layer_rows(result, rows)
+    rule = result.settings.get("directions", {}).get("unit_rule", "anova")
     return {"headline": headline, "features_minus_neurons": fmn, "all_features": _all_features(qualified, seed),
             "qualified": len(qualified),
             "target": {"attributes_needed": needed,
@@ -196,6 +197,5 @@ def summarize(result: DirectionsResult, monosemantic: dict[str, Any] | None = No
                        "features_beat_neurons": fmn["ci"][0] is not None and fmn["ci"][0] > 0},
             "attributes": rows, "layers": layers,
             "settings": {**result.settings, "qualify_upper_bound": QUALIFY, "hold_fraction": HOLD_FRACTION,
-                         "alpha": ALPHA, "target_attributes": TARGET, "unit_rule": "per layer, the units with the "
-                         "largest one-way ANOVA F of their activation across the attribute's values on the training "
-                         "entities (F > 0)", "definitions": DEFINITIONS, "timings": result.timings}}
+                         "alpha": ALPHA, "target_attributes": TARGET, "unit_rule": UNIT_RULES[rule],
+                         "definitions": DEFINITIONS, "timings": result.timings}}
