@@ -118,7 +118,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     parts = ["# Attribute directions across the early MLP layers", "",
              f"Interchange at the entity's last token in layers {layers} at once, on held-out (base, source) pairs "
              f"({d['pairs']} per attribute at most); at most {d['units_per_layer']} units per layer, chosen per "
-             f"attribute on training entities; controls: size-matched random groups drawn afresh for every pair "
+             f"attribute on training entities ({s['unit_rule']}); controls: size-matched random groups drawn afresh "
+             f"for every pair "
              f"({d['random_groups']} per pair and kind); baseline: {d['baseline']}. A direction holds when its cause "
              f"reaches {HOLD_FRACTION:.0%} of the upper bound and beats random groups after Holm correction. "
              "*Units moved per pair*: how many of the chosen units differ between source and base at all (an "

@@ -395,7 +395,7 @@ def test_run_report_has_the_agreed_keys(tiny_result, tmp_path):
         assert row["kinds"][kind]["units_moved"] == pytest.approx(sum(row["kinds"][kind]["units_per_layer"]))
     assert 0 <= row["kinds"]["feature"]["units_moved"] <= sum(row["kinds"]["feature"]["units_per_layer"])
     md = (tmp_path / FILES["markdown"]).read_text()
-    assert "units moved per pair" in md
+    assert "units moved per pair" in md and "(per layer, the units whose contribution to hook_mlp_out" in md
     ceiling = data["all_features"]  # every feature of every SAE interchanged at once
     assert ceiling["fraction"] is not None and ceiling["ci"][0] <= ceiling["fraction"] <= ceiling["ci"][1]
     assert row["all_features_fraction"] is not None and "all features / upper bound" in md
@@ -425,6 +425,7 @@ def test_viewer_page_shows_the_run_report_or_how_to_build_it(tiny_result, tmp_pa
     assert list(table["kind"]) == ["features", "neurons", "baseline"]
     shown = "\n".join(m.value for m in at.markdown)
     assert "upper bound" in shown and "| thing.colour" in shown and "# Attribute directions" not in shown
+    assert any("Unit choice: per layer, the units whose contribution" in c.value for c in at.caption)
     empty = AppTest.from_function(render_directions_page, args=(str(tmp_path / "none"),), default_timeout=60)
     empty.run()
     assert not empty.exception and "saekit directions --config" in empty.code[0].value

@@ -56,7 +56,7 @@ class DirectionsConfig:
     batch_size: int = 256  # patched runs per forward pass (each runs only the tokens from the entity's last one)
     baseline: Literal["pca", "random"] = "pca"  # the non-SAE basis of hook_mlp_out the features are compared to
     isolation: bool = True  # also test whether the other attributes of the base entity stay as they were
-    unit_rule: UnitRule = "anova"  # how units are ranked on the training entities (UNIT_RULES says each in words)
+    unit_rule: UnitRule = "output_variance"  # how units are ranked on training entities (UNIT_RULES has each)
 
     def __post_init__(self) -> None:
         for key in ("units_per_layer", "random_groups", "batch_size"):

@@ -56,6 +56,8 @@ def render(report_dir: Path | None, command: str = BUILD_COMMAND) -> None:
     st.caption(f"Layers {layers}; {data.get('qualified', 0)} attributes qualify (known and upper bound high enough). "
                f"Files: `{report_dir}`.")
     st.markdown(EXPLANATION)
+    if "unit_rule" in data.get("settings", {}):
+        st.caption(f"Unit choice: {data['settings']['unit_rule']}.")
     st.dataframe(_headline_rows(data), hide_index=True)
     png = report_dir / FILES["plot"]
     if png.is_file():
