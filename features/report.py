@@ -441,6 +441,11 @@ def render_plots(result: LabelResult, semantics: dict[str, Any] | None) -> dict[
 # The folder
 
 
+DIRECTIONS_POINTER = ("cause_fraction and disentanglement are run-level figures across layers, null for one SAE: "
+                      "`saekit directions` writes them to runs/<name>/reports/run/label.json from one SAE per early "
+                      "layer (configs/smollm2_directions.yaml)")
+
+
 def result_json(result: LabelResult, semantics: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
     """label.json: the report's numbers, machine-readable (the semantics summary without per-unit scores)."""
     sem = None
@@ -449,6 +454,7 @@ def result_json(result: LabelResult, semantics: dict[str, Any] | None, meta: dic
                for k, v in semantics.items()}
     return {"meta": meta, "wordnet": bool(semantics and semantics.get("wordnet")), "settings": result.settings,
             "timings": result.timings, "headline": headline(result, semantics, meta.get("seeds")),
+            "directions": DIRECTIONS_POINTER,
             "attributes": [asdict(a) for a in result.attributes],
             "probes": [asdict(p) for p in result.probes], "causal": [asdict(c) for c in result.causal],
             "n_tags": {k: sum(t.kind == k for t in result.tags) for k in KINDS},

@@ -443,6 +443,7 @@ def test_run_label_writes_store_and_report(tmp_path, tiny_model):
     data = json.loads((report.parent / "label.json").read_text())
     assert data["n_tags"]["feature"] == sum(t.kind == "feature" for t in result.tags)
     assert data["wordnet"] is (semantics["wordnet"] is not None)
+    assert "reports/run/label.json" in data["directions"]  # where the null cause fraction is filled
     for kind in ("feature", "neuron"):
         h = data["headline"][kind]
         assert h["monosemantic_share"] == h["mono_share"] == semantics[kind]["mono_share"]
