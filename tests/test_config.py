@@ -72,3 +72,13 @@ def test_hook_ranges_expand_to_one_hook_per_layer():
     cfg = load_config("configs/smollm2_directions.yaml")
     assert cfg.cache.hooks == [f"blocks.{i}.hook_mlp_out" for i in range(7)]
     assert [s.hook for s in cfg.train.saes] == cfg.cache.hooks
+
+
+def test_directions_configs_label_one_of_their_own_saes():
+    for path in ("configs/smollm2_directions.yaml", "configs/smollm2_directions_transcoders.yaml"):
+        cfg = load_config(path)
+        assert cfg.label.sae in [s.sae_id for s in cfg.train.saes], path
+        assert len(cfg.train.saes) == 7 and cfg.directions.unit_rule == "output_variance"
+    tc = load_config("configs/smollm2_directions_transcoders.yaml")
+    assert tc.train.source == "model" and all(s.target_hook == f"blocks.{i}.hook_mlp_out"
+                                              for i, s in enumerate(tc.train.saes))
