@@ -30,15 +30,20 @@ DIRECTION_FIGURES = ("cause_fraction", "disentanglement", "attributes_causal")
 DIRECTION_KINDS = ("feature", "neuron", "baseline", "features_minus_neurons")
 
 
+def saekit(command: str, config: str, name: str, seed: int, extra: list[str]) -> None:
+    """`saekit COMMAND` for one seed's run, printed first so a long sweep shows where it is."""
+    cmd = [sys.executable, "-m", "features.cli", command, "--config", config, "--set", f"name={name}",
+           "--set", f"train.seed={seed}"] + [x for o in extra for x in ("--set", o)]
+    print("[seed_spread] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
 def run_seed(config: str, name: str, seed: int, extra: list[str]) -> Path:
     """The seed's run folder, running the default pipeline into it first unless its label report exists."""
     cfg = load_config(config, overrides=[f"name={name}", f"train.seed={seed}", *extra])
     reports = cfg.layout.report(cfg.label.sae or cfg.train.saes[0].sae_id)
     if not (reports / "label.json").is_file():
-        cmd = [sys.executable, "-m", "features.cli", "run", "--config", config, "--set", f"name={name}",
-               "--set", f"train.seed={seed}"] + [x for o in extra for x in ("--set", o)]
-        print("[seed_spread] " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        saekit("run", config, name, seed, extra)
     return reports / "label.json"
 
 
@@ -48,11 +53,8 @@ def run_seed_directions(config: str, name: str, seed: int, extra: list[str]) -> 
     cfg = load_config(config, overrides=[f"name={name}", f"train.seed={seed}", *extra])
     report = cfg.layout.run_report / "label.json"
     if not report.is_file():
-        sets = ["--set", f"name={name}", "--set", f"train.seed={seed}"] + [x for o in extra for x in ("--set", o)]
         for command in (["cache"] if cfg.train.source == "cache" else []) + ["train", "directions"]:
-            cmd = [sys.executable, "-m", "features.cli", command, "--config", config, *sets]
-            print("[seed_spread] " + " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            saekit(command, config, name, seed, extra)
     return report
 
 
