@@ -133,7 +133,7 @@ def _out_norms(kit: _Kit, kind: DirKind, bases: list[Basis]) -> list[Tensor]:
     decoder row, a baseline's (unit) basis row."""
     if kind == "neuron":
         return [kit.ctx.model.W_out[layer].detach().float().norm(dim=1).cpu() for layer in kit.layers]
-    return [b.rows.float().norm(dim=1).cpu() for b in bases if b.rows is not None]
+    return [b.rows.float().norm(dim=1).cpu() for b in bases]  # features and baselines always have rows
 
 
 def _prepare(kit: _Kit, es: EntitySet, known: KnownAttribute, is_train: Tensor) -> _Prepared:
